@@ -1,0 +1,30 @@
+# `make test` and `make demo` work on a fresh machine with nothing but Python.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+OUT ?= bench-out
+
+.PHONY: venv test demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	# CPU build of torch, pinned for this environment (the package itself needs torch>=2.5).
+	$(PIP) install -q torch==2.13.0
+	# natten is a source package: build it against the torch above, not in an isolated env.
+	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -x -p no:cacheprovider
+
+demo: venv
+	$(VENV)/bin/anyattn bench --out $(OUT)
+
+bench: demo
+
+clean:
+	rm -rf $(VENV) $(OUT)

@@ -1,0 +1,61 @@
+"""What a benchmark workload hands the runner: cases, each with contenders timed side by side.
+
+A workload is a module in `anyattn.bench.workloads` that defines
+
+    NAME = "softmax"                      # selectable with `anyattn bench NAME`
+    DESCRIPTION = "one line"
+    def cases(quick: bool) -> list[Case]  # quick=True: small sizes for tests / smoke runs
+
+The runner times every contender of a case in one process, alternating between them, and reports
+medians, the ratio to `baseline`, GFLOP/s against the measured matmul roofline, the error against
+`exact`, and peak memory measured in a fresh subprocess per (case, contender, mode).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+Inputs = dict[str, Any]
+
+
+@dataclass
+class Case:
+    """One benchmark configuration.
+
+    workload: the workload's NAME; label: e.g. "N=4096 causal"; params: sizes for the JSON.
+    flops: useful forward FLOPs (a matmul of (m,k)x(k,n) counts 2mkn); backward is counted as
+        2.5x forward (FlashAttention convention) unless `flops_backward` is given.
+    make_inputs(requires_grad): fresh inputs; tensors that take gradients when requires_grad.
+    contenders: name -> fn(inputs) returning a tensor (or a tuple whose first item is the output).
+    forward_only: contenders that have no backward here (e.g. FlexAttention on CPU), with the reason.
+    missing: peers that could not be imported, with the reason (reported, never faked).
+    baseline: contender the ratios are taken against; exact: contender whose output is the truth for
+        the error column (None: no error column).
+    backward: also time forward+backward (sum of outputs times a fixed random cotangent).
+    memory_limit_bytes: contenders expected to exceed this (e.g. a dense reference at large N) are
+        skipped with a note instead of run; see `estimate_bytes`.
+    """
+
+    workload: str
+    label: str
+    params: dict
+    flops: float
+    make_inputs: Callable[[bool], Inputs]
+    contenders: dict[str, Callable[[Inputs], Any]]
+    baseline: str
+    exact: str | None = None
+    backward: bool = True
+    flops_backward: float | None = None
+    forward_only: dict[str, str] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+    skip: dict[str, str] = field(default_factory=dict)
+    setup_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def first_tensor(out) -> torch.Tensor:
+    """The output tensor of a contender's return value."""
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out

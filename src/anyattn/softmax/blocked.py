@@ -1,0 +1,189 @@
+"""Blocked exact attention: the FlashAttention-2 algorithm in PyTorch ops (METHODS.md "Blocked").
+
+Online softmax over query tiles (`block_q`) and key tiles (`block_k`); the backward pass recomputes
+probabilities tile by tile from the saved LSE. No `N_q x N_k` tensor is stored or materialized in
+forward or backward: memory is O((N_q + N_k) D) plus one `(block_q, block_k)` tile per head. Key tiles
+outside a mask's tile range are skipped; tiles inside its full range are not masked at all.
+Analytic biases are evaluated per tile; their gradients reach every tensor the bias depends on.
+
+Grouped-query attention runs on the `(B, H_kv, G * Tq, D)` view: the G query heads of a key head
+share each key tile's matmul. Low-precision inputs are computed in float32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..lse import NEG_INF, finish, online_softmax_step
+from ..masks import Mask, Span
+from ..validate import Shape
+
+DEFAULT_BLOCK_Q = 256
+DEFAULT_BLOCK_K = 512
+
+
+@dataclass
+class _Plan:
+    shape: Shape
+    scale: float
+    mask: Mask | None
+    bias: object | None
+    block_q: int
+    block_k: int
+    spans: list
+
+
+def _segments(span: Span, block_k: int, masked: bool):
+    """Key tiles `(k0, k1, needs_mask)` covering `[lo, hi)`, split at the full range's borders."""
+    if not masked:
+        return [(k0, min(k0 + block_k, span.hi), False) for k0 in range(span.lo, span.hi, block_k)]
+    out = []
+    for a, b, m in ((span.lo, span.full_lo, True), (span.full_lo, span.full_hi, False), (span.full_hi, span.hi, True)):
+        out.extend((k0, min(k0 + block_k, b), m) for k0 in range(a, b, block_k))
+    return out
+
+
+def _rows(t: torch.Tensor, shape: Shape, tq: int) -> torch.Tensor:
+    """A `(B|1, H|1, Tq|1, Tk)` tile -> the engine's `(B|1, H_kv|1, G*Tq|1, Tk)` row layout."""
+    G = shape.groups
+    b, h, r, c = t.shape
+    if h == 1 and (r == 1 or G == 1):
+        return t
+    if h == 1:
+        return t.unsqueeze(2).expand(b, 1, G, r, c).reshape(b, 1, G * r, c)
+    t = t.reshape(b, shape.H_kv, G, r, c)
+    if r == 1 and G == 1:
+        return t.reshape(b, shape.H_kv, 1, c)
+    return t.expand(b, shape.H_kv, G, tq, c).reshape(b, shape.H_kv, G * tq, c)
+
+
+def _scores(plan: _Plan, qt, k, q0, q1, k0, k1, needs_mask, bias_tensors):
+    s = torch.matmul(qt, k[:, :, k0:k1].transpose(-1, -2))
+    tq = q1 - q0
+    if plan.bias is not None:
+        bt = plan.bias.tile(bias_tensors, q0, q1, k0, k1, plan.shape.N_q, plan.shape.N_k)
+        s.add_(_rows(bt.detach().to(s.dtype), plan.shape, tq))
+    if needs_mask:
+        allowed = plan.mask.tile(q0, q1, k0, k1, plan.shape.N_q, plan.shape.N_k, s.device)
+        s.masked_fill_(~_rows(allowed, plan.shape, tq), NEG_INF)
+    return s
+
+
+def _q_tile(qg, q0, q1, scale):
+    """Scaled query rows of one tile: `(B, H_kv, G*Tq, D)`."""
+    B, Hkv, G, _, D = qg.shape
+    return (qg[:, :, :, q0:q1] * scale).reshape(B, Hkv, G * (q1 - q0), D)
+
+
+def _forward(plan: _Plan, q, k, v, bias_tensors):
+    sh = plan.shape
+    G = sh.groups
+    qg = q.unflatten(1, (sh.H_kv, G))
+    out = q.new_zeros(sh.B, sh.H_kv, G, sh.N_q, sh.D_v)
+    lse = q.new_full((sh.B, sh.H_kv, G, sh.N_q), NEG_INF)
+    masked = plan.mask is not None
+    for (q0, span) in zip(range(0, sh.N_q, plan.block_q), plan.spans):
+        q1 = min(q0 + plan.block_q, sh.N_q)
+        tq = q1 - q0
+        if span.hi <= span.lo:
+            continue
+        qt = _q_tile(qg, q0, q1, plan.scale)
+        m = q.new_full((sh.B, sh.H_kv, G * tq), NEG_INF)
+        l = q.new_zeros((sh.B, sh.H_kv, G * tq))
+        acc = q.new_zeros((sh.B, sh.H_kv, G * tq, sh.D_v))
+        for k0, k1, needs_mask in _segments(span, plan.block_k, masked):
+            s = _scores(plan, qt, k, q0, q1, k0, k1, needs_mask, bias_tensors)
+            m, l, acc = online_softmax_step(s, m, l, acc, v[:, :, k0:k1])
+        o, ls = finish(m, l, acc)
+        out[:, :, :, q0:q1] = o.view(sh.B, sh.H_kv, G, tq, sh.D_v)
+        lse[:, :, :, q0:q1] = ls.view(sh.B, sh.H_kv, G, tq)
+    return out.flatten(1, 2), lse.flatten(1, 2)
+
+
+def _backward(plan: _Plan, q, k, v, out, lse, dout, dlse, bias_tensors, bias_needs_grad):
+    sh = plan.shape
+    G = sh.groups
+    qg = q.unflatten(1, (sh.H_kv, G))
+    dog = dout.unflatten(1, (sh.H_kv, G))
+    delta = (dout * out).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse
+    delta = delta.unflatten(1, (sh.H_kv, G))
+    # Rows that saw no key have LSE -inf: use +inf so their probabilities recompute to 0, not NaN.
+    lse_safe = torch.where(lse == NEG_INF, torch.full_like(lse, float("inf")), lse).unflatten(1, (sh.H_kv, G))
+    dq = torch.zeros_like(qg)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    dbias = [None] * len(bias_tensors)
+    leaves = [t.detach().requires_grad_(g) for t, g in zip(bias_tensors, bias_needs_grad)]
+    want = [i for i, g in enumerate(bias_needs_grad) if g]
+    masked = plan.mask is not None
+    for (q0, span) in zip(range(0, sh.N_q, plan.block_q), plan.spans):
+        q1 = min(q0 + plan.block_q, sh.N_q)
+        tq = q1 - q0
+        if span.hi <= span.lo:
+            continue
+        qt = _q_tile(qg, q0, q1, plan.scale)
+        dot = dog[:, :, :, q0:q1].reshape(sh.B, sh.H_kv, G * tq, sh.D_v)
+        lt = lse_safe[:, :, :, q0:q1].reshape(sh.B, sh.H_kv, G * tq, 1)
+        dt = delta[:, :, :, q0:q1].reshape(sh.B, sh.H_kv, G * tq, 1)
+        dqt = torch.zeros_like(qt)
+        for k0, k1, needs_mask in _segments(span, plan.block_k, masked):
+            s = _scores(plan, qt, k, q0, q1, k0, k1, needs_mask, leaves)
+            p = s.sub_(lt).exp_()
+            vt = v[:, :, k0:k1]
+            dv[:, :, k0:k1] += torch.matmul(p.transpose(-1, -2), dot)
+            ds = torch.matmul(dot, vt.transpose(-1, -2)).sub_(dt).mul_(p)
+            dqt += torch.matmul(ds, k[:, :, k0:k1])
+            dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qt)
+            if want:
+                with torch.enable_grad():
+                    bt = plan.bias.tile(leaves, q0, q1, k0, k1, sh.N_q, sh.N_k)
+                    rows = _rows(bt, sh, tq)
+                    # ds is summed over whatever the bias broadcasts over by autograd's expand rule.
+                    grads = torch.autograd.grad(rows, [leaves[i] for i in want],
+                                                ds.to(rows.dtype).sum_to_size(rows.shape), allow_unused=True)
+                for i, g in zip(want, grads):
+                    if g is not None:
+                        dbias[i] = g if dbias[i] is None else dbias[i] + g
+        dq[:, :, :, q0:q1] = (dqt * plan.scale).view(sh.B, sh.H_kv, G, tq, sh.D)
+    for i in want:
+        if dbias[i] is None:
+            dbias[i] = torch.zeros_like(bias_tensors[i])
+    return dq.flatten(1, 2), dk, dv, dbias
+
+
+class _BlockedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan: _Plan, q, k, v, *bias_tensors):
+        out, lse = _forward(plan, q, k, v, bias_tensors)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse, *bias_tensors)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, *bias_tensors = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        bias_needs_grad = list(ctx.needs_input_grad[4:])
+        dq, dk, dv, dbias = _backward(ctx.plan, q, k, v, out, lse, dout, dlse, bias_tensors, bias_needs_grad)
+        dbias = [d.to(t.dtype) if d is not None else None for d, t in zip(dbias, bias_tensors)]
+        return (None, dq, dk, dv, *dbias)
+
+
+def blocked_attention(q, k, v, mask, bias, scale: float, shape: Shape,
+                      block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K):
+    """Exact attention by tiles. q `(B, H, N_q, D)`, k `(B, H_kv, N_k, D)`, v `(B, H_kv, N_k, D_v)`;
+    mask: a `masks.Mask` or None; bias: a `biases.Bias` or None. Returns out `(B, H, N_q, D_v)` in q's
+    dtype and lse `(B, H, N_q)` in float32 (float64 for float64 inputs)."""
+    dtype = q.dtype
+    work = torch.promote_types(dtype, torch.float32)
+    spans = mask.tile_ranges(shape.N_q, shape.N_k, block_q) if mask is not None else \
+        [Span(0, shape.N_k, 0, shape.N_k)] * ((shape.N_q + block_q - 1) // block_q)
+    plan = _Plan(shape, scale, mask, bias, block_q, block_k, spans)
+    bias_tensors = tuple(bias.tensors()) if bias is not None else ()
+    out, lse = _BlockedAttention.apply(plan, q.to(work), k.to(work), v.to(work), *bias_tensors)
+    return out.to(dtype), lse
