@@ -34,8 +34,10 @@ class Case:
     baseline: contender the ratios are taken against; exact: contender whose output is the truth for
         the error column (None: no error column).
     backward: also time forward+backward (sum of outputs times a fixed random cotangent).
-    memory_limit_bytes: contenders expected to exceed this (e.g. a dense reference at large N) are
-        skipped with a note instead of run; see `estimate_bytes`.
+    skip: contenders not run for this case, with the reason (e.g. a dense reference that would not fit).
+    setup_seconds: one-time costs reported separately (e.g. compile time): a number, or a callable
+        returning it (called after the contender has run once). Such contenders get an untimed
+        warm-up call before timing.
     """
 
     workload: str

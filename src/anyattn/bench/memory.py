@@ -1,0 +1,97 @@
+"""Peak memory of one contender on one case, measured in a fresh subprocess.
+
+CPU: the child resets its RSS high-water mark (`/proc/self/clear_refs` = 5) after building the inputs
+and reads `VmHWM` from `/proc/self/status` after the run (ru_maxrss would survive execve and report
+the parent's peak). The figure is the peak resident memory above the RSS just before the run, after
+one untimed warm-up run in the same mode (so one-time library allocations are not counted).
+CUDA: `torch.cuda.max_memory_allocated` above the allocation before the run.
+
+Child usage: python -m anyattn.bench.memory WORKLOAD CASE_INDEX CONTENDER QUICK BACKWARD
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _child(workload: str, index: int, contender: str, quick: bool, backward: bool) -> dict:
+    import torch
+
+    from .case import first_tensor
+    from .workloads import get_cases
+    case = get_cases(workload, quick)[index]
+    inputs = case.make_inputs(backward)
+    fn = case.contenders[contender]
+    device = next((t.device for t in inputs.values() if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    # Warm-up in the measured mode: one-time library, thread-pool and autograd-engine allocations are
+    # not the method's memory.
+    if backward:
+        out = first_tensor(fn(inputs))
+        out.backward(torch.ones_like(out))
+        del out
+        for t in inputs.values():
+            if isinstance(t, torch.Tensor):
+                t.grad = None
+    else:
+        with torch.no_grad():
+            fn(inputs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        if not _reset_peak():
+            return {"error": "cannot reset VmHWM (/proc/self/clear_refs)"}
+        base = _status_kib("VmRSS") * 1024
+    if backward:
+        out = first_tensor(fn(inputs))
+        out.backward(torch.ones_like(out))
+    else:
+        with torch.no_grad():
+            fn(inputs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _status_kib("VmHWM") * 1024
+    return {"peak_bytes": max(0, peak - base)}
+
+
+def measure(workload: str, index: int, contender: str, quick: bool, backward: bool, timeout_s: float = 600) -> dict:
+    """Run the child and return {"peak_bytes": int} or {"error": str}."""
+    cmd = [sys.executable, "-m", "anyattn.bench.memory", workload, str(index), contender, str(int(quick)),
+           str(int(backward))]
+    env = dict(os.environ)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode != 0 or not lines:
+        tail = (r.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1]
+        return {"error": f"exit {r.returncode}: {tail[:200]}"}
+    return json.loads(lines[-1])
+
+
+if __name__ == "__main__":
+    w, i, c, q, b = sys.argv[1:6]
+    print(json.dumps(_child(w, int(i), c, bool(int(q)), bool(int(b)))))

@@ -1,0 +1,99 @@
+"""`anyattn bench | check | explain` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _bench(args):
+    from .bench import report, runner
+    from .bench.workloads import names
+    if args.list:
+        from .bench.workloads import registry
+        for n, (_, desc) in sorted(registry().items()):
+            print(f"{n:<12} {desc}")
+        return 0
+    chosen = args.workloads or ["softmax"]
+    unknown = [w for w in chosen if w not in names()]
+    if unknown:
+        print(f"unknown workload(s) {unknown}; available: {names()}", file=sys.stderr)
+        return 2
+    results = runner.run(chosen, quick=args.quick, memory=not args.no_memory, budget_s=args.budget,
+                         progress=not args.no_progress)
+    print(report.table(results))
+    path = report.write_json(results, args.out)
+    png = report.plot(results, args.out)
+    print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+    return 0
+
+
+def _check(args):
+    """Every registered exact method against the float64 reference on random inputs."""
+    import torch
+
+    import anyattn
+    from anyattn.registry import all_methods
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 33, 16, dtype=torch.float64, generator=g)
+    k = torch.randn(2, 2, 47, 16, dtype=torch.float64, generator=g)
+    v = torch.randn(2, 2, 47, 16, dtype=torch.float64, generator=g)
+    want = anyattn.attention(q, k, v, mask=anyattn.masks.Causal(), method="reference")
+    worst = 0.0
+    for name, m in sorted(all_methods().items()):
+        if not m.exact:
+            continue
+        try:
+            out = anyattn.attention(q, k, v, mask=anyattn.masks.Causal(), method=name)
+        except ValueError as e:
+            print(f"{name:<14} not applicable: {e}")
+            continue
+        err = float((out - want).abs().max())
+        worst = max(worst, err)
+        print(f"{name:<14} max abs error vs reference (float64): {err:.2e}")
+    return 0 if worst < 1e-8 else 1
+
+
+def _explain(args):
+    import torch
+
+    import anyattn
+    q = torch.randn(args.batch, args.heads, args.n_q, args.dim)
+    k = torch.randn(args.batch, args.kv_heads or args.heads, args.n_k or args.n_q, args.dim)
+    v = torch.randn_like(k)
+    mask = {"none": None, "causal": anyattn.masks.Causal(),
+            "window": anyattn.masks.SlidingWindow(args.window, 0)}[args.mask]
+    print(anyattn.explain(q, k, v, mask=mask, return_lse=args.lse))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="anyattn", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("bench", help="time methods and peers side by side (table, JSON, PNG)")
+    b.add_argument("workloads", nargs="*", help="workload names (default: softmax); --list shows them")
+    b.add_argument("--list", action="store_true", help="list workloads and exit")
+    b.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    b.add_argument("--out", default="bench-out", help="output folder for results.json and bench.png")
+    b.add_argument("--no-memory", action="store_true", help="skip the per-case peak-memory subprocesses")
+    b.add_argument("--budget", type=float, default=15.0, help="seconds of timing per case and mode (sets repeats)")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(fn=_bench)
+    c = sub.add_parser("check", help="every exact method against the float64 reference")
+    c.set_defaults(fn=_check)
+    e = sub.add_parser("explain", help="what method='auto' picks for a shape and mask, and why")
+    e.add_argument("--batch", type=int, default=1)
+    e.add_argument("--heads", type=int, default=8)
+    e.add_argument("--kv-heads", type=int, default=None)
+    e.add_argument("--n-q", type=int, default=1024)
+    e.add_argument("--n-k", type=int, default=None)
+    e.add_argument("--dim", type=int, default=64)
+    e.add_argument("--mask", choices=["none", "causal", "window"], default="none")
+    e.add_argument("--window", type=int, default=256)
+    e.add_argument("--lse", action="store_true")
+    e.set_defaults(fn=_explain)
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
