@@ -53,5 +53,5 @@ def test_memory_child_measures_peak():
     assert "error" not in m and "error" not in b, (m, b)
     # quick case: N=512, H=8: the reference's scores alone are 8 MiB, and it keeps several such
     # tensors; blocked holds one (256 x 512) tile per head at a time.
-    assert m["peak_bytes"] > 8 * 2**20
+    assert m["peak_bytes"] >= 8 * 2**20
     assert m["peak_bytes"] > 2 * b["peak_bytes"]
