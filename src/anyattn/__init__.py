@@ -1,8 +1,8 @@
 """anyattn: fast attention and sequence-mixing operators with exact references, forward and backward
 on every device PyTorch runs on. See README.md and docs/."""
-from . import biases, masks
+from . import biases, linear, masks
 from .api import attention, explain, methods
 from .lse import merge
 
 __version__ = "0.1.0"
-__all__ = ["attention", "explain", "methods", "merge", "masks", "biases"]
+__all__ = ["attention", "explain", "methods", "merge", "masks", "biases", "linear"]

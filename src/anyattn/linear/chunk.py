@@ -34,21 +34,9 @@ import torch.nn.functional as F
 _MIN_BLOCK = 4
 
 
-def _floor(x: torch.Tensor) -> float:
-    """Lowest log-factor that is exponentiated: below it exp() would give subnormal numbers, which
-    slow CPUs down by orders of magnitude (and are far below the dtype's resolution relative to
-    the unit-decay terms that every row has). e^-40 ~ 4e-18 in fp32, e^-300 in fp64."""
-    return -300.0 if x.dtype == torch.float64 else -40.0
-
-
-def _exp(x: torch.Tensor) -> torch.Tensor:
-    """exp of a non-positive log-factor, clamped at `_floor` so no subnormal is produced."""
-    return torch.exp(x.clamp_min(_floor(x)))
-
-
 def _exp_masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """exp(x) where `keep`, exactly 0 elsewhere (x is never exponentiated where masked)."""
-    return torch.exp(x.clamp_min(_floor(x)).masked_fill(~keep, float("-inf")))
+    return torch.exp(x.masked_fill(~keep, float("-inf")))
 
 
 def _tril_mask(L: int, device, diagonal: int = 0) -> torch.Tensor:
@@ -74,6 +62,15 @@ def chunk_log_decay(g: torch.Tensor, C: int) -> torch.Tensor:
     return _to_chunks(g, C).cumsum(3)
 
 
+def decay_matrix(G: torch.Tensor) -> torch.Tensor:
+    """`exp(G_r - G_c)` for c <= r, exactly 0 above: G `(..., L)` -> `(..., L, L)`; the exponent is
+    masked to -inf before exp, so nothing positive is ever exponentiated."""
+    L = G.shape[-1]
+    d = G[..., :, None] - G[..., None, :]
+    d.masked_fill_(~_tril_mask(L, G.device), float("-inf"))
+    return d.exp_()
+
+
 def gram_scalar(a, b, G, diagonal: int = 0):
     """`(a b^T) ⊙ exp(G_r - G_c)` on the lower triangle (c <= r + diagonal, diagonal 0 or -1), 0 above.
     a, b `(..., L, K)`, G `(..., L)` or None (no decay)."""
@@ -82,35 +79,54 @@ def gram_scalar(a, b, G, diagonal: int = 0):
     mask = _tril_mask(L, a.device, diagonal)
     if G is None:
         return s.masked_fill(~mask, 0.0)
-    return s * _exp_masked(G[..., :, None] - G[..., None, :], mask)
+    return s * decay_matrix(G) if diagonal == 0 else s * decay_matrix(G).tril(diagonal)
+
+
+def _gram_lags(a, b, G):
+    """Base case of `gram_vector` for short blocks (L <= 4): one sub-diagonal (lag) at a time, so
+    `exp(G_r - G_c)` is only formed for c < r (the diagonal has factor 1): about (L-1)/2 exps per
+    element of a instead of L."""
+    L = G.shape[-2]
+    M = torch.diag_embed((a * b).sum(-1))
+    for lag in range(1, L):
+        e = torch.exp(G[..., lag:, :] - G[..., :-lag, :])             # <= 1
+        d = (a[..., lag:, :] * (b[..., :-lag, :] * e)).sum(-1)
+        M = M + torch.diag_embed(d, offset=-lag)
+    return M
 
 
 def gram_vector(a, b, G):
     """Decayed gram with per-channel decay: `M[r, c] = sum_d a[r,d] b[c,d] exp(G[r,d] - G[c,d])`
     for c <= r, 0 above. b, G `(..., L, K)`; a `(..., L, K)` or with extra leading dims that
-    broadcast (e.g. q and k stacked). Never exponentiates a positive number (for G non-increasing)."""
+    broadcast (e.g. q and k stacked). Never exponentiates a positive number (for G non-increasing).
+
+    Hierarchical: split into nb = 4 sub-blocks; pair (i > j) uses the reference Γ_end(j):
+    `(a_i e^{Γ_i - Γ_end(j)}) (b_j e^{Γ_end(j) - Γ_j})^T` (both factors <= 1) as one matmul;
+    diagonal sub-blocks recurse; blocks of <= 4 rows (or odd length) go by lags."""
     L, K = G.shape[-2], G.shape[-1]
-    if L <= _MIN_BLOCK or L % 2 != 0:
+    if L <= 4 or L % 4 != 0:
+        if L <= 4:
+            return _gram_lags(a, b, G)
         mask = _tril_mask(L, G.device)
-        eb = _exp_masked(G[..., :, None, :] - G[..., None, :, :], mask[:, :, None]) * b[..., None, :, :]                     # (..., L_r, L_c, K)
+        eb = _exp_masked(G[..., :, None, :] - G[..., None, :, :], mask[:, :, None]) * b[..., None, :, :]
         return (eb @ a[..., :, :, None]).squeeze(-1)                  # (..., L_r, L_c)
-    nb = 4 if L % 4 == 0 else 2
+    nb = 4
     s = L // nb
     a_ = a.reshape(*a.shape[:-2], nb, s, K)
     b_ = b.reshape(*b.shape[:-2], nb, s, K)
     G_ = G.reshape(*G.shape[:-2], nb, s, K)
-    ii, jj = torch.tril_indices(nb, nb, -1, device=G.device)
-    g_end = G_[..., :, s - 1, :]                                      # (..., nb, K)
-    qs = a_[..., ii, :, :] * _exp(G_[..., ii, :, :] - g_end[..., jj, None, :])
-    kt = b_ * _exp(g_end[..., :, None, :] - G_)                  # (..., nb, s, K)
-    pairs = qs @ kt[..., jj, :, :].transpose(-1, -2)                  # (..., P, s, s)
+    g_end = G_[..., :, s - 1:, :]                                     # (..., nb, 1, K)
     diag = gram_vector(a_, b_, G_)                                    # (..., nb, s, s)
-    batch = torch.broadcast_shapes(pairs.shape[:-3], diag.shape[:-3])
-    M = pairs.new_zeros(*batch, nb, nb, s, s)
-    M[..., ii, jj, :, :] = pairs
-    di = torch.arange(nb, device=G.device)
-    M[..., di, di, :, :] = diag
-    return M.transpose(-3, -2).reshape(*batch, L, L)
+    batch = torch.broadcast_shapes(diag.shape[:-3], G.shape[:-2])
+    M = diag.new_zeros(*batch, nb, s, nb, s)
+    for j in range(nb - 1):
+        ref = g_end[..., j:j + 1, :, :]
+        kt = b_[..., j:j + 1, :, :] * torch.exp(ref - G_[..., j:j + 1, :, :])        # (..., 1, s, K)
+        qs = a_[..., j + 1:, :, :] * torch.exp(G_[..., j + 1:, :, :] - ref)          # (..., nb-j-1, s, K)
+        M[..., j + 1:, :, j, :] = qs @ kt.transpose(-1, -2)                           # (..., nb-j-1, s, s)
+    for i in range(nb):
+        M[..., i, :, i, :] = diag[..., i, :, :]
+    return M.reshape(*batch, L, L)
 
 
 def solve_unit_lower(A: torch.Tensor, R: torch.Tensor, block: int = 16) -> torch.Tensor:
@@ -135,11 +151,22 @@ def solve_unit_lower(A: torch.Tensor, R: torch.Tensor, block: int = 16) -> torch
         P = P + P @ M
     if nb == 1:
         return P[..., 0, :, :] @ R
+    if not (torch.is_grad_enabled() and (A.requires_grad or R.requires_grad)):
+        # inference: write the blocks into one buffer (no per-block copies)
+        X = torch.empty(torch.broadcast_shapes(A.shape[:-2], R.shape[:-2]) + R.shape[-2:], dtype=R.dtype,
+                        device=R.device)
+        for i in range(nb):
+            rows = slice(i * b, (i + 1) * b)
+            rhs = R[..., rows, :]
+            if i:
+                rhs = rhs - A[..., rows, :i * b] @ X[..., :i * b, :]
+            torch.matmul(P[..., i, :, :], rhs, out=X[..., rows, :])
+        return X
     xs = []
     for i in range(nb):
         rhs = R[..., i * b:(i + 1) * b, :]
-        if i:
-            rhs = rhs - A[..., i * b:(i + 1) * b, :i * b] @ torch.cat(xs, -2)
+        for j in range(i):
+            rhs = rhs - A[..., i * b:(i + 1) * b, j * b:(j + 1) * b] @ xs[j]
         xs.append(P[..., i, :, :] @ rhs)
     return torch.cat(xs, -2)
 
@@ -150,9 +177,9 @@ def _decay_factors(G, qc, kc):
         return qc, kc, None
     if G.dim() == qc.dim() - 1:                                       # scalar decay (B, H, NC, C)
         g_last = G[..., -1:]
-        return qc * _exp(G)[..., None], kc * _exp(g_last - G)[..., None], _exp(g_last)[..., None]
+        return qc * torch.exp(G)[..., None], kc * torch.exp(g_last - G)[..., None], torch.exp(g_last)[..., None]
     g_last = G[..., -1:, :]                                           # (B, H, NC, 1, K)
-    return qc * _exp(G), kc * _exp(g_last - G), _exp(g_last).transpose(-1, -2)
+    return qc * torch.exp(G), kc * torch.exp(g_last - G), torch.exp(g_last).transpose(-1, -2)
 
 
 def _state_scan(S, d, dS):
@@ -164,14 +191,36 @@ def _state_scan(S, d, dS):
     states = []
     for d_n, dS_n in zip(d.unbind(2), dS.unbind(2)):
         states.append(S)
-        S = d_n * S + dS_n
+        S = torch.addcmul(dS_n, d_n, S)
     return torch.stack(states, 2), S
+
+
+def _delta_scan(S, W, U, kd, d):
+    """Per chunk: Ṽ_n = U_n - W_n S_n; S_{n+1} = d_n S_n + kd_n^T Ṽ_n (the only Python loop)."""
+    B, H, NC, C, K = W.shape
+    V = U.shape[-1]
+
+    def lead(x):
+        return x.permute(2, 0, 1, 3, 4).reshape(NC, B * H, *x.shape[3:])
+
+    Wt, Ut, kdT = lead(W), lead(U), lead(kd.transpose(-1, -2))
+    dt = None if d is None else lead(d.expand(B, H, NC, *d.shape[3:]))
+    S = S.reshape(B * H, K, V)
+    states, news = [], []
+    for n in range(NC):
+        states.append(S)
+        v_new = torch.baddbmm(Ut[n], Wt[n], S, alpha=-1.0)
+        news.append(v_new)
+        S = torch.baddbmm(S if dt is None else S * dt[n], kdT[n], v_new)
+    prev = torch.stack(states, 0).reshape(NC, B, H, K, V).permute(1, 2, 0, 3, 4)
+    v_new = torch.stack(news, 0).reshape(NC, B, H, C, V).permute(1, 2, 0, 3, 4)
+    return prev, v_new, S.reshape(B, H, K, V)
 
 
 def _prepare(q, k, v, scale, g, initial_state, chunk_size, extra=()):
     B, H, N, K = q.shape
     V = v.shape[-1]
-    C = min(chunk_size, N)
+    C = min(chunk_size, -(-N // 4) * 4)  # short inputs: one chunk, padded to a multiple of 4
     pad = (-N) % C
     q = _pad_time(q * scale, pad)
     k, v = _pad_time(k, pad), _pad_time(v, pad)
@@ -202,27 +251,25 @@ def chunk_delta(q, k, v, beta, scale: float, g=None, initial_state=None, chunk_s
     | `(B, H, N)` (Gated DeltaNet) | `(B, H, N, K)` (KDA). Returns `(o, S_N)`."""
     (B, H, N, K, V, C), qc, kc, vc, G, S, (bc,) = _prepare(
         q, k, v, scale, g, initial_state, chunk_size, extra=(beta,))
+    kT = kc.transpose(-1, -2)
     if G is not None and G.dim() == 5:
         M = gram_vector(torch.stack([qc, kc]), kc, G)
         A_qk, A_kk = M[0], M[1]
+    elif G is None:
+        A_qk, A_kk = (qc @ kT).tril(), kc @ kT
     else:
-        M = gram_scalar(torch.stack([qc, kc]), kc, G)
-        A_qk, A_kk = M[0], M[1]
+        E = decay_matrix(G)
+        A_qk, A_kk = (qc @ kT) * E, (kc @ kT) * E
     A_kk = A_kk.tril(-1) * bc[..., :, None]
     qd, kd, d = _decay_factors(G, qc, kc)
-    kg = kc if G is None else (kc * _exp(G)[..., None] if G.dim() == 4 else kc * _exp(G))
-    rhs = torch.cat([kg, vc], -1) * bc[..., None]
-    X = solve_unit_lower(A_kk, rhs)
-    W, U = X[..., :K], X[..., K:]
-    states, news = [], []
-    dn = [None] * W.shape[2] if d is None else d.unbind(2)
-    for W_n, U_n, kd_n, d_n in zip(W.unbind(2), U.unbind(2), kd.unbind(2), dn):
-        states.append(S)
-        v_new = U_n - W_n @ S
-        news.append(v_new)
-        upd = kd_n.transpose(-1, -2) @ v_new
-        S = S + upd if d_n is None else d_n * S + upd
-    prev = torch.stack(states, 2)
-    v_new = torch.stack(news, 2)
+    if G is None:
+        kg = kc * bc[..., None]
+    elif G.dim() == 4:
+        kg = kc * (torch.exp(G) * bc)[..., None]
+    else:
+        kg = kc * (torch.exp(G) * bc[..., None])
+    rhs = torch.cat([kg, vc * bc[..., None]], -1)
+    X = solve_unit_lower(A_kk, rhs)                                   # [W | U]: (..., C, K + V)
+    prev, v_new, S = _delta_scan(S, X[..., :K], X[..., K:], kd, d)
     o = qd @ prev + A_qk @ v_new
     return o.reshape(B, H, -1, V)[:, :, :N], S

@@ -34,15 +34,11 @@ def orthogonal_gaussian(m: int, d: int, generator: torch.Generator | None = None
     """`(m, d)` random matrix whose rows are orthogonal within each block of d rows and whose row
     norms are distributed as the norms of d-dimensional standard Gaussian vectors (chi(d)), as in
     FAVOR+. Drawn on CPU from `generator` (seedable), then moved to `device`."""
-    blocks = []
-    remaining = m
-    while remaining > 0:
-        g = torch.randn(d, d, generator=generator, dtype=torch.float64)
-        qmat, _ = torch.linalg.qr(g)
-        take = min(d, remaining)
-        blocks.append(qmat.T[:take])
-        remaining -= take
-    w = torch.cat(blocks, 0)
+    nblocks = -(-m // d)
+    g = torch.randn(nblocks, d, d, generator=generator, dtype=torch.float64)
+    qmat, r = torch.linalg.qr(g)
+    qmat = qmat * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]  # Haar-uniform (sign-fixed QR)
+    w = qmat.transpose(-1, -2).reshape(nblocks * d, d)[:m]
     norms = torch.randn(m, d, generator=generator, dtype=torch.float64).norm(dim=1, keepdim=True)
     return (w * norms).to(dtype=dtype, device=device)
 

@@ -1,0 +1,220 @@
+"""Benchmark workloads of the linear-attention / delta-rule family (`anyattn.linear`).
+
+One module, several workloads: `WORKLOADS = {"gla": ..., "gdn": ..., "kda": ..., "retention": ...,
+"linear": ...}`, each `cases(quick: bool) -> list[Case]`.
+
+Per workload and N (B=1, H=8, D=64; N in {4096, 16384}, quick: {256}):
+
+* a training-shape case: contenders `chunk` (our chunk forward), `sdpa` (exact causal softmax
+  attention, `F.scaled_dot_product_attention(q, k, v, is_causal=True)`, the baseline: what the mixer
+  replaces), and flash-linear-attention's pure-PyTorch references `fla_naive_chunk` /
+  `fla_naive_recurrent` when fla-core is installed (else listed in `missing` with the reason). The
+  error column is taken against `fla_naive_chunk` (or `fla_naive_recurrent`) when present.
+* a decoding case: one `*_step` with a state after N tokens of context, against SDPA of one query
+  over a KV cache of N tokens (`sdpa`, baseline). The step costs the same at every N.
+
+FLOPs (useful work of the chunk algorithm, chunk C = 64, per (batch, head), K = D_k, V = D_v;
+a (m,k)x(k,n) matmul counts 2mkn):
+  decay family (linear, retention, GLA), per chunk: intra `Q K^T` and `A V`: 2 C^2 (K + V);
+      state update `K^T V` and inter-chunk read `Q S`: 4 C K V.
+  delta family (DeltaNet, Gated DeltaNet, KDA), per chunk: `Q K^T`, `K K^T`: 4 C^2 K;
+      triangular solve for W, U: C^2 (K + V); `A_qk Ṽ`: 2 C^2 V; `W S`, `K^T Ṽ`, `Q S`: 6 C K V.
+  times N / C chunks, B and H. Decoding: 4 K V per head (decay) or 6 K V (delta) per step; the
+  SDPA decode case counts 4 N D per head.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ... import linear as L
+from ..case import Case
+
+B, H, D = 1, 8, 64
+C = 64
+SIZES = (4096, 16384)
+QUICK_SIZES = (256,)
+# fla's references loop in Python over tokens (naive_recurrent_*) or over chunks and the rows of a
+# chunk (naive_chunk_*; naive_chunk_kda also over the tokens of each chunk). Measured on the 2-core
+# CPU (shared, one forward at N=16384): naive_recurrent_* 45-210 s, naive_chunk_kda 62 s;
+# naive_chunk_gated_delta_rule 13 s, naive_chunk_simple_gla 16 s, naive_chunk_linear_attn 1 s.
+# Those above 30 s are skipped at N=16384 with that reason.
+FLA_RECURRENT_MAX_N = 4096
+FLA_CHUNK_MAX_N = {"kda": 4096, "gdn": 16384, "retention": 16384, "linear": 16384, "gla": 0}
+
+
+def _decay_flops(N, K=D, V=D):
+    return B * H * (N / C) * (2 * C * C * (K + V) + 4 * C * K * V)
+
+
+def _delta_flops(N, K=D, V=D):
+    return B * H * (N / C) * (4 * C * C * K + C * C * (K + V) + 2 * C * C * V + 6 * C * K * V)
+
+
+def _fla(op):
+    try:
+        from ...linear.fla_reference import load_naive
+        return load_naive(op), None
+    except Exception as e:  # noqa: BLE001
+        return None, f"fla-core reference fla/ops/{op}/naive.py unavailable: {type(e).__name__}: {e}"
+
+
+def _bt(x):
+    return x.transpose(1, 2)
+
+
+def _inputs(kind: str, N: int, requires_grad: bool, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, N, D, generator=gen) for _ in range(3))
+    out = {}
+    if kind in ("gdn", "kda"):
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        out["beta"] = torch.rand(B, H, N, generator=gen)
+    if kind == "gla" or kind == "kda":
+        out["g"] = F.logsigmoid(torch.randn(B, H, N, D, generator=gen) + 2.0)
+    elif kind == "gdn":
+        out["g"] = F.logsigmoid(torch.randn(B, H, N, generator=gen) + 2.0)
+    elif kind == "retention":
+        out["g"] = -L.alibi_slopes(H)
+    out.update(q=q, k=k, v=v)
+    if requires_grad:
+        for name in ("q", "k", "v", "g", "beta"):
+            if name in out and not (kind == "retention" and name == "g"):
+                out[name] = out[name].detach().requires_grad_()
+    return out
+
+
+def _ours(kind):
+    if kind == "gla":
+        return lambda i: L.gla(i["q"], i["k"], i["v"], i["g"])
+    if kind == "gdn":
+        return lambda i: L.gated_delta_rule(i["q"], i["k"], i["v"], i["g"], i["beta"])
+    if kind == "kda":
+        return lambda i: L.kda(i["q"], i["k"], i["v"], i["g"], i["beta"])
+    if kind == "retention":
+        return lambda i: L.retention(i["q"], i["k"], i["v"], i["g"])
+    return lambda i: L.linear_attention(i["q"], i["k"], i["v"], feature_map="elu1")
+
+
+def _sdpa(i):
+    return F.scaled_dot_product_attention(i["q"], i["k"], i["v"], is_causal=True)
+
+
+def _retention_g(i, N):
+    return i["g"].view(1, H, 1).expand(B, H, N)
+
+
+def _peers(kind, N):
+    """name -> fn for fla's references, plus missing / skip dicts."""
+    peers, missing, skip = {}, {}, {}
+    op = {"gla": "gla", "gdn": "gated_delta_rule", "kda": "kda", "retention": "simple_gla",
+          "linear": "linear_attn"}[kind]
+    mod, why = _fla(op)
+    names = ("fla_naive_chunk", "fla_naive_recurrent") if kind != "gla" else ("fla_naive_recurrent",)
+    if kind == "gla":
+        missing["fla_naive_chunk"] = "fla-core has no naive_chunk_gla (only naive_recurrent_gla)"
+    if mod is None:
+        for n in names:
+            missing[n] = why
+        return peers, missing, skip
+    if kind == "gdn":
+        peers["fla_naive_chunk"] = lambda i: mod.naive_chunk_gated_delta_rule(
+            _bt(i["q"]), _bt(i["k"]), _bt(i["v"]), _bt(i["g"]), _bt(i["beta"]))[0]
+        peers["fla_naive_recurrent"] = lambda i: mod.naive_recurrent_gated_delta_rule(
+            _bt(i["q"]), _bt(i["k"]), _bt(i["v"]), _bt(i["beta"]), _bt(i["g"]))[0]
+    elif kind == "kda":
+        peers["fla_naive_chunk"] = lambda i: mod.naive_chunk_kda(
+            _bt(i["q"]), _bt(i["k"]), _bt(i["v"]), _bt(i["g"]), _bt(i["beta"]))[0]
+        peers["fla_naive_recurrent"] = lambda i: mod.naive_recurrent_kda(
+            _bt(i["q"]), _bt(i["k"]), _bt(i["v"]), _bt(i["g"]), _bt(i["beta"]))[0]
+    elif kind == "gla":
+        peers["fla_naive_recurrent"] = lambda i: mod.naive_recurrent_gla(
+            _bt(i["q"]), _bt(i["k"]), _bt(i["v"]), _bt(i["g"]))[0]
+    elif kind == "retention":
+        peers["fla_naive_chunk"] = lambda i: mod.naive_chunk_simple_gla(
+            _bt(i["q"]), _bt(i["k"]), _bt(i["v"]), _bt(_retention_g(i, N)))[0]
+        peers["fla_naive_recurrent"] = lambda i: mod.naive_recurrent_simple_gla(
+            _bt(i["q"]), _bt(i["k"]), _bt(i["v"]), _bt(_retention_g(i, N)))[0]
+    else:
+        fm = lambda x: F.elu(x) + 1  # noqa: E731
+        peers["fla_naive_chunk"] = lambda i: mod.naive_chunk_linear_attn(
+            _bt(fm(i["q"])), _bt(fm(i["k"])), _bt(i["v"]))
+        peers["fla_naive_recurrent"] = lambda i: mod.naive_recurrent_linear_attn(
+            _bt(fm(i["q"])), _bt(fm(i["k"])), _bt(i["v"]))[0]
+    # fla's outputs are (B, T, H, D): bring them to (B, H, T, D) so the error column compares like with like.
+    peers = {n: (lambda f: (lambda i: _bt(f(i))))(f) for n, f in peers.items()}
+    if N > FLA_CHUNK_MAX_N[kind] and "fla_naive_chunk" in peers:
+        skip["fla_naive_chunk"] = (f"fla's naive_chunk_kda takes > 30 s per forward at N={N} on a 2-core CPU "
+                                   "(Python loop over the tokens of every chunk)")
+        del peers["fla_naive_chunk"]
+    if N > FLA_RECURRENT_MAX_N and "fla_naive_recurrent" in peers:
+        skip["fla_naive_recurrent"] = (f"fla's token-by-token reference takes > 30 s per forward at N={N} "
+                                       "on a 2-core CPU")
+        del peers["fla_naive_recurrent"]
+    return peers, missing, skip
+
+
+def _train_case(kind, N):
+    contenders = {"chunk": _ours(kind), "sdpa": _sdpa}
+    peers, missing, skip = _peers(kind, N)
+    contenders.update(peers)
+    exact = "fla_naive_chunk" if "fla_naive_chunk" in peers else (
+        "fla_naive_recurrent" if "fla_naive_recurrent" in peers else None)
+    flops = _delta_flops(N) if kind in ("gdn", "kda") else _decay_flops(N)
+    forward_only = {n: "fla's naive references are timed forward only here" for n in peers}
+    return Case(workload=kind, label=f"N={N} causal", params=dict(B=B, H=H, N=N, D=D, chunk_size=C),
+                flops=flops, make_inputs=lambda rg, _k=kind, _n=N: _inputs(_k, _n, rg),
+                contenders=contenders, baseline="sdpa", exact=exact, backward=True,
+                forward_only=forward_only, missing=missing, skip=skip)
+
+
+def _decode_inputs(kind, N, requires_grad):
+    gen = torch.Generator().manual_seed(1)
+    i = _inputs(kind, 1, False, seed=2)
+    i = {n: (x[:, :, 0] if n != "g" or kind != "retention" else x) for n, x in i.items()}
+    i["state"] = torch.randn(B, H, D, D, generator=gen) * 0.1
+    i["k_cache"] = torch.randn(B, H, N, D, generator=gen)
+    i["v_cache"] = torch.randn(B, H, N, D, generator=gen)
+    return i
+
+
+def _step(kind):
+    if kind == "gla":
+        return lambda i: L.gla_step(i["q"], i["k"], i["v"], i["g"], i["state"])[0]
+    if kind == "gdn":
+        return lambda i: L.gated_delta_rule_step(i["q"], i["k"], i["v"], i["g"], i["beta"], i["state"])[0]
+    if kind == "kda":
+        return lambda i: L.kda_step(i["q"], i["k"], i["v"], i["g"], i["beta"], i["state"])[0]
+    if kind == "retention":
+        return lambda i: L.retention_step(i["q"], i["k"], i["v"], i["g"], i["state"])[0]
+    return lambda i: L.linear_attention_step(i["q"], i["k"], i["v"], i["state"], "elu1")[0]
+
+
+def _sdpa_decode(i):
+    return F.scaled_dot_product_attention(i["q"][:, :, None], i["k_cache"], i["v_cache"])[:, :, 0]
+
+
+def _decode_case(kind, N):
+    per_head = (6 if kind in ("gdn", "kda") else 4) * D * D
+    return Case(workload=kind, label=f"decode step, context N={N}", params=dict(B=B, H=H, N=N, D=D, decode=True),
+                flops=B * H * per_head, make_inputs=lambda rg, _k=kind, _n=N: _decode_inputs(_k, _n, rg),
+                contenders={"step": _step(kind), "sdpa": _sdpa_decode}, baseline="sdpa", exact=None,
+                backward=False)
+
+
+def _cases_fn(kind):
+    def cases(quick: bool) -> list[Case]:
+        sizes = QUICK_SIZES if quick else SIZES
+        return [_train_case(kind, N) for N in sizes] + [_decode_case(kind, N) for N in sizes]
+    cases.__doc__ = f"Cases of the {kind!r} linear-family workload."
+    return cases
+
+
+WORKLOADS = {kind: _cases_fn(kind) for kind in ("gla", "gdn", "kda", "retention", "linear")}
+DESCRIPTIONS = {
+    "gla": "Gated Linear Attention chunk forward vs causal SDPA and fla references; decode step",
+    "gdn": "Gated DeltaNet chunk forward vs causal SDPA and fla references; decode step",
+    "kda": "Kimi Delta Attention chunk forward vs causal SDPA and fla references; decode step",
+    "retention": "Retention (scalar decay) chunk forward vs causal SDPA and fla references; decode step",
+    "linear": "Linear attention (elu+1) chunk forward vs causal SDPA and fla references; decode step",
+}

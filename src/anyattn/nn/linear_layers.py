@@ -1,0 +1,280 @@
+"""Token-mixing layers of the linear-attention / delta-rule family, built on `anyattn.linear`.
+
+Each layer maps `x (B, T, hidden_size)` to `y (B, T, hidden_size)`:
+
+    q, k, v = short_conv(proj(x))          (causal depthwise conv + SiLU; optional for GLA)
+    gates   = per-token decay g <= 0 (and beta in (0, 1) for the delta rules)
+    o       = mixer(q, k, v, gates, state)  (anyattn.linear: gla / gated_delta_rule / kda)
+    y       = o_proj(RMSNorm(o) * act(output_gate(x)))
+
+`forward(x, state=None, use_cache=False) -> (y, new_state)`. The state is a dict with the
+recurrent state `"recurrent"` `(B, H, D_k, D_v)` (fp32) and the short-convolution caches `"conv"`
+(the last `conv_size - 1` inputs of each convolution), so a decoding loop can call forward with one
+token at a time; `new_state` is None unless `use_cache=True`.
+
+Published layers followed (structure and initialisation of the gates):
+- `GLALayer`: Gated Linear Attention (Yang et al., 2024): low-rank gate `g = logsigmoid(W2 W1 x) / 16`,
+  Swish output gate, no short convolution by default.
+- `GatedDeltaNetLayer`: Gated DeltaNet (Yang et al., 2025): Mamba2-style scalar decay
+  `g = -exp(A_log) * softplus(a(x) + dt_bias)`, `beta = sigmoid(b(x))`, L2-normalized q and k,
+  short convolutions, Swish output gate, `expand_v = 2`.
+- `KDALayer`: Kimi Delta Attention (Kimi Linear, 2025): per-channel decay
+  `g = -exp(A_log[h]) * softplus(W2 W1 x + dt_bias)`, `beta = sigmoid(b(x))`, L2-normalized q and k,
+  short convolutions, low-rank output gate with sigmoid activation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import linear as _L
+
+
+class ShortConvolution(nn.Module):
+    """Causal depthwise 1D convolution over time (kernel `conv_size`) followed by SiLU.
+    `forward(x (B, T, C), cache (B, conv_size - 1, C) | None) -> (y (B, T, C), new_cache)`; the cache
+    holds the last `conv_size - 1` inputs. Computed as `conv_size` shifted multiply-adds (cheaper than
+    a grouped conv for kernel 4, and the same in every dtype)."""
+
+    def __init__(self, channels: int, conv_size: int = 4, bias: bool = False, activation: bool = True):
+        super().__init__()
+        self.channels, self.conv_size, self.activation = channels, conv_size, activation
+        self.weight = nn.Parameter(torch.empty(channels, 1, conv_size))
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None):
+        B, T, C = x.shape
+        W = self.conv_size
+        if cache is None:
+            cache = x.new_zeros(B, W - 1, C)
+        xp = torch.cat([cache.to(x.dtype), x], 1)                       # (B, T + W - 1, C)
+        w = self.weight[:, 0, :].to(x.dtype)                            # (C, W)
+        y = xp[:, W - 1:] * w[:, W - 1]
+        for j in range(W - 1):
+            y = y + xp[:, j:j + T] * w[:, j]
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        if self.activation:
+            y = F.silu(y)
+        return y, xp[:, xp.shape[1] - (W - 1):]
+
+
+class GatedRMSNorm(nn.Module):
+    """`RMSNorm(o) * weight * act(gate)` over the last dim; act is "swish" or "sigmoid"."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, activation: str = "swish"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.activation = eps, activation
+
+    def forward(self, o, gate=None):
+        dt = o.dtype
+        o = _up(o)
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(o.dtype)
+        if gate is not None:
+            gate = _up(gate)
+            o = o * (F.silu(gate) if self.activation == "swish" else torch.sigmoid(gate))
+        return o.to(dt)
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (gates and norms are computed in fp32, or fp64 for fp64 layers)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _check_layer_args(hidden_size, num_heads, head_dim, mode):
+    for name, val in (("hidden_size", hidden_size), ("num_heads", num_heads), ("head_dim", head_dim)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    if mode not in _L.MODES:
+        raise ValueError(f"mode must be one of {list(_L.MODES)}, got {mode!r}")
+
+
+def _default_head_dim(hidden_size, num_heads, head_dim, fraction):
+    if head_dim is not None:
+        return head_dim
+    _check_layer_args(hidden_size, num_heads, 1, "chunk")
+    return max(1, int(hidden_size * fraction) // num_heads)
+
+
+class _LinearMixerLayer(nn.Module):
+    """Shared plumbing: projections, short convolutions, state handling, output norm and gate."""
+
+    delta = False
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, expand_v: float, mode: str,
+                 use_short_conv: bool, conv_size: int, chunk_size: int, norm_eps: float,
+                 gate_activation: str):
+        super().__init__()
+        _check_layer_args(hidden_size, num_heads, head_dim, mode)
+        head_v_dim = int(round(head_dim * expand_v))
+        if not math.isclose(head_dim * expand_v, head_v_dim) or head_v_dim < 1:
+            raise ValueError(f"head_dim * expand_v must be a positive integer, got {head_dim} * {expand_v}")
+        self.hidden_size, self.num_heads, self.head_dim, self.head_v_dim = hidden_size, num_heads, head_dim, head_v_dim
+        self.key_dim, self.value_dim = num_heads * head_dim, num_heads * head_v_dim
+        self.mode, self.chunk_size = mode, chunk_size
+        self.use_short_conv, self.conv_size = use_short_conv, conv_size
+        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        if use_short_conv:
+            self.q_conv = ShortConvolution(self.key_dim, conv_size)
+            self.k_conv = ShortConvolution(self.key_dim, conv_size)
+            self.v_conv = ShortConvolution(self.value_dim, conv_size)
+        self.o_norm = GatedRMSNorm(head_v_dim, eps=norm_eps, activation=gate_activation)
+        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+
+    # subclasses: gates(x) -> (g, beta) in (B, T, H[, D_k]) layout; output_gate(x) -> (B, T, value_dim)
+    def gates(self, x):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def output_gate(self, x):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def mix(self, q, k, v, g, beta, initial_state):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _heads(self, x, d):
+        B, T, _ = x.shape
+        return x.reshape(B, T, -1, d).transpose(1, 2)                    # (B, H, T, d)
+
+    def forward(self, x: torch.Tensor, state: dict | None = None, use_cache: bool = False):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape (B, T, hidden_size={self.hidden_size}), got {shape}")
+        if state is not None and not isinstance(state, dict):
+            raise TypeError(f"state must be a dict returned by forward(..., use_cache=True) or None, "
+                            f"got {type(state).__name__}")
+        state = state or {}
+        conv_cache = state.get("conv") or (None, None, None)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        new_conv = None
+        if self.use_short_conv:
+            q, cq = self.q_conv(q, conv_cache[0])
+            k, ck = self.k_conv(k, conv_cache[1])
+            v, cv = self.v_conv(v, conv_cache[2])
+            new_conv = (cq, ck, cv)
+        elif self.delta:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        q, k, v = self._heads(q, self.head_dim), self._heads(k, self.head_dim), self._heads(v, self.head_v_dim)
+        if self.delta:
+            q, k = F.normalize(q, p=2, dim=-1), F.normalize(k, p=2, dim=-1)
+        g, beta = self.gates(x)
+        o, S = self.mix(q, k, v, g, beta, state.get("recurrent"))
+        o = o.transpose(1, 2)                                             # (B, T, H, D_v)
+        gate = self.output_gate(x).reshape(*o.shape)
+        o = self.o_norm(o, gate).reshape(x.shape[0], x.shape[1], self.value_dim)
+        y = self.o_proj(o)
+        new_state = {"recurrent": S, "conv": new_conv} if use_cache else None
+        return y, new_state
+
+    def _call(self, fn, *args, initial_state):
+        kw = dict(initial_state=initial_state, output_final_state=True, mode=self.mode)
+        if self.mode == "chunk":
+            kw["chunk_size"] = self.chunk_size
+        return fn(*args, **kw)
+
+
+class GLALayer(_LinearMixerLayer):
+    """Gated Linear Attention layer (Yang et al., 2024, "Gated Linear Attention Transformers with
+    Hardware-Efficient Training"). `head_dim` is D_k; D_v = head_dim * expand_v."""
+
+    def __init__(self, hidden_size: int, num_heads: int = 4, head_dim: int | None = None, mode: str = "chunk", *,
+                 expand_v: float = 1.0, use_short_conv: bool = False, conv_size: int = 4,
+                 gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, chunk_size: int = 64,
+                 norm_eps: float = 1e-5):
+        head_dim = _default_head_dim(hidden_size, num_heads, head_dim, 0.5)
+        super().__init__(hidden_size, num_heads, head_dim, expand_v, mode, use_short_conv, conv_size,
+                         chunk_size, norm_eps, "swish")
+        self.gate_logit_normalizer = gate_logit_normalizer
+        self.gk_proj = nn.Sequential(nn.Linear(hidden_size, gate_low_rank_dim, bias=False),
+                                     nn.Linear(gate_low_rank_dim, self.key_dim, bias=True))
+        self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+
+    def gates(self, x):
+        gk = F.logsigmoid(_up(self.gk_proj(x))) / self.gate_logit_normalizer
+        return self._heads(gk, self.head_dim), None
+
+    def output_gate(self, x):
+        return self.g_proj(x)
+
+    def mix(self, q, k, v, g, beta, initial_state):
+        return self._call(_L.gla, q, k, v, g, initial_state=initial_state)
+
+
+class GatedDeltaNetLayer(_LinearMixerLayer):
+    """Gated DeltaNet layer (Yang, Kautz, Hatamizadeh, 2025, "Gated Delta Networks: Improving Mamba2
+    with Delta Rule"). `head_dim` is D_k; D_v = head_dim * expand_v (published: 2)."""
+
+    delta = True
+
+    def __init__(self, hidden_size: int, num_heads: int = 4, head_dim: int | None = None, mode: str = "chunk", *,
+                 expand_v: float = 2.0, use_short_conv: bool = True, conv_size: int = 4,
+                 allow_neg_eigval: bool = False, chunk_size: int = 64, norm_eps: float = 1e-5):
+        head_dim = _default_head_dim(hidden_size, num_heads, head_dim, 0.75)
+        super().__init__(hidden_size, num_heads, head_dim, expand_v, mode, use_short_conv, conv_size,
+                         chunk_size, norm_eps, "swish")
+        self.allow_neg_eigval = allow_neg_eigval
+        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(1, 16)))
+        dt = torch.exp(torch.rand(num_heads) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp_min(1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))          # inverse softplus
+        self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+
+    def gates(self, x):
+        g = -_up(self.A_log).exp() * F.softplus(_up(self.a_proj(x)) + self.dt_bias)
+        beta = torch.sigmoid(_up(self.b_proj(x)))
+        if self.allow_neg_eigval:
+            beta = beta * 2.0
+        return g.transpose(1, 2), beta.transpose(1, 2)                            # (B, H, T)
+
+    def output_gate(self, x):
+        return self.g_proj(x)
+
+    def mix(self, q, k, v, g, beta, initial_state):
+        return self._call(_L.gated_delta_rule, q, k, v, g, beta, initial_state=initial_state)
+
+
+class KDALayer(_LinearMixerLayer):
+    """Kimi Delta Attention layer (Kimi Team, 2025, "Kimi Linear: An Expressive, Efficient Attention
+    Architecture"). `head_dim` is D_k; D_v = head_dim * expand_v."""
+
+    delta = True
+
+    def __init__(self, hidden_size: int, num_heads: int = 4, head_dim: int | None = None, mode: str = "chunk", *,
+                 expand_v: float = 1.0, use_short_conv: bool = True, conv_size: int = 4,
+                 allow_neg_eigval: bool = False, chunk_size: int = 64, norm_eps: float = 1e-5):
+        head_dim = _default_head_dim(hidden_size, num_heads, head_dim, 1.0)
+        super().__init__(hidden_size, num_heads, head_dim, expand_v, mode, use_short_conv, conv_size,
+                         chunk_size, norm_eps, "sigmoid")
+        self.allow_neg_eigval = allow_neg_eigval
+        self.f_proj = nn.Sequential(nn.Linear(hidden_size, self.head_v_dim, bias=False),
+                                    nn.Linear(self.head_v_dim, self.key_dim, bias=False))
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(1, 16)))
+        self.dt_bias = nn.Parameter(torch.zeros(self.key_dim))
+        self.g_proj = nn.Sequential(nn.Linear(hidden_size, self.head_v_dim, bias=False),
+                                    nn.Linear(self.head_v_dim, self.value_dim, bias=True))
+
+    def gates(self, x):
+        f = _up(self.f_proj(x)) + self.dt_bias
+        B, T, _ = f.shape
+        g = -_up(self.A_log).exp()[:, None] * F.softplus(f).reshape(B, T, self.num_heads, self.head_dim)
+        beta = torch.sigmoid(_up(self.b_proj(x)))
+        if self.allow_neg_eigval:
+            beta = beta * 2.0
+        return g.transpose(1, 2), beta.transpose(1, 2)
+
+    def output_gate(self, x):
+        return self.g_proj(x)
+
+    def mix(self, q, k, v, g, beta, initial_state):
+        return self._call(_L.kda, q, k, v, g, beta, initial_state=initial_state)
+
+
+LINEAR_LAYERS = {"gla": GLALayer, "gated_deltanet": GatedDeltaNetLayer, "kda": KDALayer}

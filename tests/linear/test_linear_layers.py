@@ -1,0 +1,85 @@
+"""anyattn.nn linear-family layers: token-by-token decoding equals the full-sequence forward."""
+import pytest
+import torch
+
+from anyattn.nn.linear_layers import LINEAR_LAYERS, GatedDeltaNetLayer, GLALayer, KDALayer
+
+CONFIGS = [
+    ("gla", {}),
+    ("gla", {"use_short_conv": True}),
+    ("gated_deltanet", {}),
+    ("kda", {}),
+    ("kda", {"mode": "recurrent"}),
+]
+
+
+@pytest.mark.parametrize("name,kw", CONFIGS)
+def test_decode_equals_full(name, kw):
+    torch.manual_seed(0)
+    layer = LINEAR_LAYERS[name](32, num_heads=2, head_dim=8, chunk_size=8, **kw).double()
+    x = torch.randn(2, 19, 32, dtype=torch.float64)
+    y_full, st_full = layer(x, use_cache=True)
+    assert y_full.shape == x.shape
+    state, ys = None, []
+    for t in range(x.shape[1]):
+        y_t, state = layer(x[:, t:t + 1], state=state, use_cache=True)
+        ys.append(y_t)
+    torch.testing.assert_close(torch.cat(ys, 1), y_full, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(state["recurrent"], st_full["recurrent"], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(LINEAR_LAYERS))
+def test_prefill_then_decode(name):
+    torch.manual_seed(1)
+    layer = LINEAR_LAYERS[name](24, num_heads=3, head_dim=4, chunk_size=4).double()
+    x = torch.randn(1, 11, 24, dtype=torch.float64)
+    y_full, _ = layer(x)
+    y_a, st = layer(x[:, :7], use_cache=True)
+    y_b, st = layer(x[:, 7:9], state=st, use_cache=True)
+    y_c, _ = layer(x[:, 9:], state=st, use_cache=True)
+    torch.testing.assert_close(torch.cat([y_a, y_b, y_c], 1), y_full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(LINEAR_LAYERS))
+def test_backward_and_state_none_without_cache(name):
+    layer = LINEAR_LAYERS[name](16, num_heads=2, head_dim=8)
+    x = torch.randn(2, 70, 16, requires_grad=True)
+    y, st = layer(x)
+    assert st is None
+    y.square().mean().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters() if p.requires_grad)
+
+
+def test_delta_layers_normalize_qk_and_shapes():
+    layer = GatedDeltaNetLayer(32, num_heads=2, head_dim=8)
+    assert layer.head_v_dim == 16  # published expand_v = 2
+    _, st = layer(torch.randn(1, 5, 32), use_cache=True)
+    assert st["recurrent"].shape == (1, 2, 8, 16) and st["recurrent"].dtype == torch.float32
+    assert [c.shape for c in st["conv"]] == [(1, 3, 16), (1, 3, 16), (1, 3, 32)]
+    assert KDALayer(32, 4).head_dim == 8 and GLALayer(32, 4).head_dim == 4
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        KDALayer(16, 2, 8, mode="fused")
+    with pytest.raises(ValueError, match="num_heads must be a positive int, got 0"):
+        GLALayer(16, 0)
+    layer = KDALayer(16, 2, 8)
+    with pytest.raises(ValueError, match=r"x must have shape \(B, T, hidden_size=16\), got \(2, 16\)"):
+        layer(torch.randn(2, 16))
+    with pytest.raises(TypeError, match="state must be a dict"):
+        layer(torch.randn(1, 2, 16), state=torch.zeros(1))
+
+
+def test_short_convolution_matches_conv1d():
+    from anyattn.nn.linear_layers import ShortConvolution
+    conv = ShortConvolution(6, 4, bias=True, activation=False).double()
+    with torch.no_grad():
+        conv.bias.normal_()
+    x = torch.randn(2, 9, 6, dtype=torch.float64)
+    ref = torch.nn.functional.conv1d(torch.nn.functional.pad(x.transpose(1, 2), (3, 0)), conv.weight, conv.bias,
+                                     groups=6).transpose(1, 2)
+    y, cache = conv(x)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(cache, x[:, -3:])
