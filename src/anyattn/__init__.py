@@ -2,7 +2,8 @@
 on every device PyTorch runs on. See README.md and docs/."""
 from . import biases, linear, masks
 from .api import attention, explain, methods
+from .approx.error import error
 from .lse import merge
 
 __version__ = "0.1.0"
-__all__ = ["attention", "explain", "methods", "merge", "masks", "biases", "linear"]
+__all__ = ["attention", "explain", "methods", "merge", "error", "masks", "biases", "linear"]
