@@ -3,7 +3,10 @@ on every device PyTorch runs on. See README.md and docs/."""
 from . import biases, linear, masks
 from .api import attention, explain, methods
 from .approx.error import error
+from . import cache  # noqa: E402  (after .api: cache builds on it)
+from .cache import decode
 from .lse import merge
+from .softmax.neighborhood import neighborhood
 
 __version__ = "0.1.0"
-__all__ = ["attention", "explain", "methods", "merge", "error", "masks", "biases", "linear"]
+__all__ = ["attention", "explain", "methods", "merge", "error", "decode", "cache", "neighborhood", "masks", "biases", "linear"]

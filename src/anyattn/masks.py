@@ -397,3 +397,6 @@ def as_mask(mask) -> Mask | None:
         return MaskMod(mask)
     raise TypeError(f"mask must be None, an anyattn.masks spec, a bool tensor or a mask_mod callable, "
                     f"got {type(mask).__name__}")
+
+
+from .neighborhood_mask import Neighborhood  # noqa: E402,F401  (subclasses Mask above)

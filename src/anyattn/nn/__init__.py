@@ -1,8 +1,14 @@
 """Model layers. Every mixer layer follows `forward(x, state=None, use_cache=False) -> (y, new_state)`
 with x `(B, L, hidden)`, so one decoding loop serves softmax, linear and SSM layers, and a model can
 switch mixers by name (`MIXERS`)."""
+from .attention import Attention
+from .generate import generate, prefill, reorder_states, step
 from .linear_layers import LINEAR_LAYERS, GatedDeltaNetLayer, GLALayer, KDALayer
+from .neighborhood import NeighborhoodAttention1d, NeighborhoodAttention2d, NeighborhoodAttention3d
+from .rotary import RotaryEmbedding, apply_rotary
 
-MIXERS = {**LINEAR_LAYERS}
+MIXERS = {"attention": Attention, **LINEAR_LAYERS}
 
-__all__ = ["MIXERS", "LINEAR_LAYERS", "GLALayer", "GatedDeltaNetLayer", "KDALayer"]
+__all__ = ["MIXERS", "LINEAR_LAYERS", "Attention", "GLALayer", "GatedDeltaNetLayer", "KDALayer", "generate",
+           "prefill", "step", "reorder_states", "NeighborhoodAttention1d", "NeighborhoodAttention2d",
+           "NeighborhoodAttention3d", "RotaryEmbedding", "apply_rotary"]
