@@ -4,20 +4,35 @@ Rules (exact methods only unless the caller passes `tolerance=`):
 1. `sdpa` when the request is expressible there (no mask, causal, dense mask/bias) and any mask it
    would have to materialize is small (at most `MAX_SDPA_MASK_ELEMENTS` entries);
 2. otherwise `blocked`, which handles every mask and bias spec with tile skipping in O(N) memory.
+
+With a bias (`_choose_bias`), three routes compete:
+- `lowrank_bias` when the bias has an exact low-rank form under the mask (causal ALiBi, SpatialDistance,
+  Factored, sums of those) that is precise and cheap: the fused kernel runs at head dim
+  `ceil8(D + R)` with O(N) memory, so its cost is compared with unbiased attention at head dim D;
+- `sdpa` with the bias tensor when it is already dense (a tensor), or with the analytic bias
+  materialized when that is small (at most `MAX_SDPA_BIAS_ELEMENTS` entries);
+- `blocked` with the bias computed per tile otherwise (no `N_q x N_k` tensor, forward and backward).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .masks import Causal
 from .registry import Request, get
 
 MAX_SDPA_MASK_ELEMENTS = 1 << 24
+MAX_SDPA_BIAS_ELEMENTS = 1 << 24  # materialize an analytic bias for SDPA only up to this (64 MiB in fp32)
+MAX_LOWRANK_COST = 2.5  # lowrank_bias's fused-kernel cost relative to unbiased attention, at most
+MAX_FACTOR_SCORE_ERROR = 1e-5  # absolute score error the factor arithmetic may add (see Alibi.factor_error)
 
 
 def choose_approximate(req: Request, tolerance: float):
-    """An approximate method expected to meet `tolerance` and be faster than exact, or None."""
-    return None
+    """An approximate method expected to meet `tolerance` and be faster than exact, or None
+    (see `anyattn.approx.select`)."""
+    from .approx.select import choose_approximate as choose_approx
+    return choose_approx(req, tolerance)
 
 
 @dataclass(frozen=True)
@@ -41,6 +56,8 @@ def choose(req: Request, tolerance: float | None = None) -> Explanation:
         if req.return_lse and req.q.device.type != "cpu":
             return Explanation("blocked", f"the LSE was requested and SDPA returns none on {req.q.device.type}")
         return Explanation("sdpa", "no mask or bias: torch SDPA's fused kernel applies")
+    if req.bias is not None:
+        return _choose_bias(req)
     reason = get("sdpa").supports(req)
     if reason is None:
         materialized = isinstance(req.mask, Causal) and req.mask.align == "bottom_right" \
@@ -52,3 +69,85 @@ def choose(req: Request, tolerance: float | None = None) -> Explanation:
         return Explanation("sdpa", f"{what} is expressible in torch SDPA's fused kernel")
     return Explanation("blocked", f"not expressible in SDPA ({reason}); blocked evaluates the spec per tile "
                                   "and skips empty tiles")
+
+
+def _sdpa_mask_form(req: Request) -> str | None:
+    """None when the mask has a cheap SDPA form, else why not (without materializing anything)."""
+    from .masks import Dense as DenseMask
+    sh, mask = req.shape, req.mask
+    if mask is None or isinstance(mask, DenseMask):
+        return None
+    if isinstance(mask, Causal):
+        if mask.align == "bottom_right" and sh.N_q not in (1, sh.N_k) and sh.N_q * sh.N_k > MAX_SDPA_MASK_ELEMENTS:
+            return f"bottom-right causal with N_q={sh.N_q} != N_k={sh.N_k} needs a dense {sh.N_q}x{sh.N_k} mask"
+        return None
+    return f"mask {mask!r} has no SDPA form"
+
+
+def _mib(n_elements: int) -> str:
+    return f"{n_elements * 4 / 2 ** 20:.0f} MiB"
+
+
+def _choose_bias(req: Request) -> Explanation:
+    """Pick among lowrank_bias, sdpa (dense or materialized bias) and blocked (per-tile bias)."""
+    from .biases import Dense as DenseBias, Factored
+    from .softmax import lowrank_bias as _lowrank_bias  # noqa: F401  (registers the method it may pick)
+    sh, bias, mask = req.shape, req.bias, req.mask
+    terms = bias.terms()
+    mask_reason = _sdpa_mask_form(req)
+    lse_ok = not req.return_lse or req.q.device.type == "cpu"
+    sdpa_ok = mask_reason is None and lse_ok
+    # The CPU flash op behind return_lse=True returns no gradient for a float attn_mask.
+    bias_grad = any(t.requires_grad for t in bias.tensors())
+    if req.return_lse and bias_grad:
+        sdpa_ok = False
+    # Materialized bias size: per (batch, head) broadcast of the spec, upper bound H * N_q * N_k (times B
+    # for batch-dependent specs such as SpatialDistance with (B, N, d) coordinates).
+    n_dense = sh.H * sh.N_q * sh.N_k
+    if any(getattr(t, "coords", None) is not None and t.coords.dim() == 3 for t in terms):
+        n_dense *= sh.B
+    svd_note = ""
+    for t in terms:
+        if isinstance(t, Factored) and t.rel_error is not None and t.rel_error > 0:
+            svd_note = (f" (the factors are a truncated SVD of rank {t.rank} with relative Frobenius error "
+                        f"{t.rel_error:.3g})")
+    rank = bias.exact_rank(mask, sh.N_q, sh.N_k)
+    if rank is not None:
+        err = sum(getattr(t, "factor_error", lambda n_k: 0.0)(sh.N_k) for t in terms)
+        W = -(-(sh.D + rank) // 8) * 8
+        dv = max(W, sh.D_v) if req.q.device.type == "cpu" else sh.D_v
+        cost = (W + dv) / (sh.D + sh.D_v)
+        low = " computed in float32" if req.q.dtype in (torch.bfloat16, torch.float16) else ""
+        if err > MAX_FACTOR_SCORE_ERROR:
+            return Explanation("blocked", f"the bias's exact rank-{rank} form would add score errors up to "
+                                          f"{err:.2g} at N_k={sh.N_k}; blocked computes it per tile exactly")
+        from .biases import Alibi
+        if isinstance(bias, Alibi) and isinstance(mask, Causal) and sh.N_q == sh.N_k \
+                and sh.N_k >= _lowrank_bias.BAND_MIN_N:
+            svd_note += ("; heads whose slope makes far keys negligible (their total weight provably below "
+                         "exp(-20)) attend only a window, in chunks")
+        if cost <= MAX_LOWRANK_COST:
+            engine = "SDPA's fused kernel" if sdpa_ok or (mask_reason is None and lse_ok) else "the blocked engine"
+            return Explanation("lowrank_bias", f"the bias is exactly rank {rank} here{svd_note}: [U, q*scale].[V, k] "
+                                               f"through {engine} at head dim {W}{low} (about {cost:.2f}x the cost of "
+                                               f"unbiased attention), O(N) memory instead of a {_mib(n_dense)} "
+                                               "dense bias")
+        why_not = f"its exact rank-{rank} form would cost {cost:.1f}x unbiased attention"
+    else:
+        why_not = "it has no exact low-rank form under this mask (a truncated SVD is available with " \
+                  "method='lowrank_bias', rank= or tol=, or anyattn.biases.lowrank)"
+    if all(isinstance(t, DenseBias) for t in terms):
+        if sdpa_ok:
+            return Explanation("sdpa", f"the bias is a dense tensor and {why_not}: SDPA takes it as attn_mask")
+        return Explanation("blocked", f"the bias is a dense tensor, {why_not}, and SDPA cannot run this "
+                                      f"request ({mask_reason or 'it returns no LSE or no bias gradient with the LSE here'}); "
+                                      "blocked reads it tile by tile")
+    if sdpa_ok and n_dense <= MAX_SDPA_BIAS_ELEMENTS:
+        return Explanation("sdpa", f"{why_not}; the materialized bias ({_mib(n_dense)}) is small, so SDPA's fused "
+                                   "kernel with it beats per-tile evaluation")
+    if not sdpa_ok:
+        where = mask_reason or "SDPA returns no LSE (or no bias gradient with it) here"
+        return Explanation("blocked", f"{why_not}, and SDPA cannot take it ({where}); blocked computes the bias "
+                                      "per tile with O(N) memory and returns gradients to its parameters")
+    return Explanation("blocked", f"{why_not}, and materializing it would take {_mib(n_dense)}; blocked computes "
+                                  "it per tile with O(N) memory and returns gradients to its parameters")

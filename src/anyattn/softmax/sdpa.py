@@ -18,9 +18,11 @@ from ..masks import Causal, Dense, Mask
 from ..validate import Shape
 
 
-def lower(mask: Mask | None, bias, shape: Shape):
+def lower(mask: Mask | None, bias, shape: Shape, check_only: bool = False):
     """Translate specs to SDPA arguments. Returns `(attn_mask, is_causal, reason)`: attn_mask is None,
-    a bool tensor or a float tensor; reason is None when expressible, else why not."""
+    a bool tensor or a float tensor; reason is None when expressible, else why not. Any bias spec is
+    expressible: analytic ones are materialized with `bias.dense(N_q, N_k)` unless `check_only` (then
+    attn_mask is not meaningful: use it to ask whether the request is expressible without the cost)."""
     attn_mask, is_causal = None, False
     if mask is None:
         pass
@@ -38,9 +40,11 @@ def lower(mask: Mask | None, bias, shape: Shape):
         return None, False, f"mask {mask!r} has no SDPA form (only causal and dense masks do)"
     if bias is not None:
         from ..biases import Dense as DenseBias
-        if not isinstance(bias, DenseBias):
-            return None, False, f"bias {bias!r} is not a dense tensor"
-        b = bias._4d(bias.bias)
+        if check_only and not isinstance(bias, DenseBias):
+            return attn_mask, is_causal, None
+        # A dense bias is used as is; an analytic spec is materialized (quadratic memory; differentiable
+        # in its parameters). `plan.choose` only routes analytic biases here when that is small.
+        b = bias._4d(bias.bias) if isinstance(bias, DenseBias) else bias.dense(shape.N_q, shape.N_k)
         if is_causal:
             attn_mask = Causal("top_left").dense(1, 1, shape.N_q, shape.N_k, b.device)
             is_causal = False
