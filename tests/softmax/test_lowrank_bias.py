@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import anyattn
-import anyattn.softmax.lowrank_bias  # noqa: F401  (registers lowrank_bias until _builtin imports it)
 from anyattn import biases as B
 from anyattn import masks as M
 
