@@ -57,3 +57,14 @@ def test_length_one(method):
     out = anyattn.attention(q, k, v, method=method)
     torch.testing.assert_close(out, v.detach().expand_as(out))
     check_against_oracle(method, q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_steep_bias_with_masks_is_exact(dtype):
+    """A bias that spreads scores hundreds below the row max takes blocked's clamped-exp path;
+    masked entries and empty rows must still be exactly 0."""
+    q, k, v = make_qkv(2, 2, 2, 19, 23, 4, 4, dtype=dtype)
+    pos = torch.arange(23, dtype=dtype)
+    bias = (-40.0 * (pos[4:].view(-1, 1) - pos.view(1, -1)).abs()).view(1, 1, 19, 23)
+    mask = masks.KeyPadding(torch.tensor([0, 17])) & masks.SlidingWindow(2, 2)  # sequence 0: empty rows
+    check_against_oracle("blocked", q, k, v, mask=mask, bias=bias, block_q=8, block_k=8)

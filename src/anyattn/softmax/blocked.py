@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..lse import NEG_INF, finish, online_softmax_step
+from ..lse import NEG_INF, exp_shifted_, finish, online_softmax_step
 from ..masks import Mask, Span
 from ..validate import Shape
 
@@ -59,15 +59,18 @@ def _rows(t: torch.Tensor, shape: Shape, tq: int) -> torch.Tensor:
 
 
 def _scores(plan: _Plan, qt, k, q0, q1, k0, k1, needs_mask, bias_tensors):
+    """Scores of one tile with bias added and masked entries at -inf; also the tile's allowed mask in
+    row layout (None when the tile needs no mask)."""
     s = torch.matmul(qt, k[:, :, k0:k1].transpose(-1, -2))
     tq = q1 - q0
+    allowed = None
     if plan.bias is not None:
         bt = plan.bias.tile(bias_tensors, q0, q1, k0, k1, plan.shape.N_q, plan.shape.N_k)
         s.add_(_rows(bt.detach().to(s.dtype), plan.shape, tq))
     if needs_mask:
-        allowed = plan.mask.tile(q0, q1, k0, k1, plan.shape.N_q, plan.shape.N_k, s.device)
-        s.masked_fill_(~_rows(allowed, plan.shape, tq), NEG_INF)
-    return s
+        allowed = _rows(plan.mask.tile(q0, q1, k0, k1, plan.shape.N_q, plan.shape.N_k, s.device), plan.shape, tq)
+        s.masked_fill_(~allowed, NEG_INF)
+    return s, allowed
 
 
 def _q_tile(qg, q0, q1, scale):
@@ -93,8 +96,8 @@ def _forward(plan: _Plan, q, k, v, bias_tensors):
         l = q.new_zeros((sh.B, sh.H_kv, G * tq))
         acc = q.new_zeros((sh.B, sh.H_kv, G * tq, sh.D_v))
         for k0, k1, needs_mask in _segments(span, plan.block_k, masked):
-            s = _scores(plan, qt, k, q0, q1, k0, k1, needs_mask, bias_tensors)
-            m, l, acc = online_softmax_step(s, m, l, acc, v[:, :, k0:k1])
+            s, allowed = _scores(plan, qt, k, q0, q1, k0, k1, needs_mask, bias_tensors)
+            m, l, acc = online_softmax_step(s, m, l, acc, v[:, :, k0:k1], plan.bias is not None, allowed)
         o, ls = finish(m, l, acc)
         out[:, :, :, q0:q1] = o.view(sh.B, sh.H_kv, G, tq, sh.D_v)
         lse[:, :, :, q0:q1] = ls.view(sh.B, sh.H_kv, G, tq)
@@ -130,8 +133,8 @@ def _backward(plan: _Plan, q, k, v, out, lse, dout, dlse, bias_tensors, bias_nee
         dt = delta[:, :, :, q0:q1].reshape(sh.B, sh.H_kv, G * tq, 1)
         dqt = torch.zeros_like(qt)
         for k0, k1, needs_mask in _segments(span, plan.block_k, masked):
-            s = _scores(plan, qt, k, q0, q1, k0, k1, needs_mask, leaves)
-            p = s.sub_(lt).exp_()
+            s, allowed = _scores(plan, qt, k, q0, q1, k0, k1, needs_mask, leaves)
+            p = exp_shifted_(s, lt, plan.bias is not None, allowed)
             vt = v[:, :, k0:k1]
             dv[:, :, k0:k1] += torch.matmul(p.transpose(-1, -2), dot)
             ds = torch.matmul(dot, vt.transpose(-1, -2)).sub_(dt).mul_(p)
