@@ -18,6 +18,12 @@ def _bench(args):
     if unknown:
         print(f"unknown workload(s) {unknown}; available: {names()}", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        import os
+
+        import torch
+        torch.set_num_threads(args.threads)
+        os.environ["ANYATTN_BENCH_THREADS"] = str(args.threads)  # for the memory subprocesses
     results = runner.run(chosen, quick=args.quick, memory=not args.no_memory, budget_s=args.budget,
                          progress=not args.no_progress)
     print(report.table(results))
@@ -76,6 +82,7 @@ def main(argv=None) -> int:
     b.add_argument("--out", default="bench-out", help="output folder for results.json and bench.png")
     b.add_argument("--no-memory", action="store_true", help="skip the per-case peak-memory subprocesses")
     b.add_argument("--budget", type=float, default=15.0, help="seconds of timing per case and mode (sets repeats)")
+    b.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(fn=_bench)
     c = sub.add_parser("check", help="every exact method against the float64 reference")

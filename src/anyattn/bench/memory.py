@@ -35,6 +35,8 @@ def _reset_peak() -> bool:
 
 def _child(workload: str, index: int, contender: str, quick: bool, backward: bool) -> dict:
     import torch
+    if os.environ.get("ANYATTN_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["ANYATTN_BENCH_THREADS"]))
 
     from .case import first_tensor
     from .workloads import get_cases
