@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..biases import Sum, concat_factors, lowrank
 from ..registry import Method, Request, register
@@ -260,7 +259,6 @@ def lowrank_bias_attention(q, k, v, mask, bias, scale: float, shape: Shape, retu
         k = k.repeat_interleave(sh.groups, dim=1)
         v = v.repeat_interleave(sh.groups, dim=1)
         H_kv = sh.H
-    pad = W - sh.D - R
     U = U.to(work).expand(sh.B, sh.H, sh.N_q, R)
     V = V.to(work).expand(sh.B, H_kv, sh.N_k, R)
     # One allocation each: bias columns first (the kernel adds them before q.k), then q or k, then zeros.

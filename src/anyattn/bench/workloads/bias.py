@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..case import Case
+from ..peers import add_flex, attention_flops
 
 DESCRIPTIONS = {
     "alibi": "causal ALiBi, B=1 H=8 D=64 N=8192: lowrank_bias (rank-2 factors) vs FlexAttention score_mod, "
@@ -28,45 +29,11 @@ DESCRIPTIONS = {
 }
 
 
-def _flops(B, H, N, D, causal):
-    f = 2.0 * B * H * N * N * (D + D)
-    return f / 2 if causal else f
-
-
-def _flex(score_mod, causal, N):
-    """Compiled FlexAttention with this score_mod (and a causal block mask): `(fn, state)` or the reason
-    it is missing. The first call compiles; `state["compile_s"]` holds the time it took."""
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError as e:  # pragma: no cover - torch < 2.5
-        return None, f"FlexAttention not importable: {e}"
-    compiled = torch.compile(flex_attention, dynamic=False)
-    block_mask = create_block_mask(lambda b, h, q, k: q >= k, None, None, N, N, device="cpu") if causal else None
-    state = {"compile_s": None}
-
-    def fn(x):
-        if state["compile_s"] is None:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                compiled(x["q"].detach(), x["k"].detach(), x["v"].detach(), score_mod=score_mod(x),
-                         block_mask=block_mask)
-            state["compile_s"] = time.perf_counter() - t0
-        return compiled(x["q"], x["k"], x["v"], score_mod=score_mod(x), block_mask=block_mask)
-    return (fn, state), None
-
-
 def _add_flex(case, score_mod, causal, N, enabled=True):
     if not enabled:
         case.skip["flex"] = "compiled FlexAttention is only run at full size (compile time dominates quick runs)"
         return
-    got, why = _flex(score_mod, causal, N)
-    if got is None:
-        case.missing["flex"] = why
-        return
-    fn, state = got
-    case.contenders["flex"] = fn
-    case.forward_only["flex"] = "FlexAttention has no backward on CPU"
-    case.setup_seconds["flex"] = lambda state=state: state["compile_s"]
+    add_flex(case, N, N, mask_mod=(lambda b, h, q, k: q >= k) if causal else None, score_mod=score_mod)
 
 
 def _qkv(B, H, N, D, extra, seed=0):
@@ -104,7 +71,7 @@ def _case(workload, label, params, B, H, N, D, causal, extra, bias_of, score_mod
         "sdpa_dense_bias": lambda x: F.scaled_dot_product_attention(x["q"], x["k"], x["v"], attn_mask=dense_bias(x)),
     }
     c.update(extra_contenders or {})
-    case = Case(workload, label, params, _flops(B, H, N, D, causal), _qkv(B, H, N, D, extra), c,
+    case = Case(workload, label, params, attention_flops(B, H, N, N, D, D, causal), _qkv(B, H, N, D, extra), c,
                 baseline=baseline, exact=exact)
     case._mask, case._bias = mask, bias_of
     _reference(case, c, B, H, N)

@@ -3,12 +3,12 @@ compiled FlexAttention with a block mask, NATTEN's CPU path and dense-masked tor
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F
 
 from ..case import Case
+from ..peers import add_flex
 
 DESCRIPTIONS = {
     "na1d": "1-D neighborhood attention, N=16384 kernel 257 (and 4N for the memory-linear check), B=1 H=8 D=64",
@@ -34,35 +34,6 @@ def _inputs(B, H, spatial, D, seed=0):
 def _flat(x):
     B, H, D = x.shape[0], x.shape[1], x.shape[-1]
     return x.reshape(B, H, -1, D)
-
-
-def _flex(spatial, kernel):
-    """Compiled FlexAttention with the neighborhood block mask; block mask and compilation happen on
-    the first call and their time is reported as setup."""
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError as e:  # pragma: no cover - torch < 2.5
-        return None, f"FlexAttention not importable: {e}"
-    from ...neighborhood_mask import Neighborhood
-    spec = Neighborhood(spatial, kernel)
-    N = math.prod(spatial)
-    state = {"compile_s": None, "fn": None, "block_mask": None}
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return spec.allowed(b, h, q_idx, kv_idx, N, N)
-
-    def fn(x):
-        if state["fn"] is None:
-            t0 = time.perf_counter()
-            state["block_mask"] = create_block_mask(mask_mod, None, None, N, N, device=str(x["q"].device))
-            state["fn"] = torch.compile(flex_attention, dynamic=False)
-            with torch.no_grad():
-                state["fn"](_flat(x["q"].detach()), _flat(x["k"].detach()), _flat(x["v"].detach()),
-                            block_mask=state["block_mask"])
-            state["compile_s"] = time.perf_counter() - t0
-        out = state["fn"](_flat(x["q"]), _flat(x["k"]), _flat(x["v"]), block_mask=state["block_mask"])
-        return out
-    return (fn, state), None
 
 
 def _natten(spatial, kernel):
@@ -107,16 +78,13 @@ def _case(workload, spatial, kernel, *, B=1, H=8, D=64, label="", flex=True):
         del contenders["sdpa_dense"]
         case.skip["sdpa_dense"] = f"the N x N mask takes {dense_bytes / 1e9:.1f} GB (> 4 GB)"
         case.exact = None
-    got, why = _flex(spatial, kernel) if flex else (None, None)
-    if not flex:
-        case.skip["flex"] = "not compiled in quick mode (compiling takes 10-40 s)"
-    elif got is None:
-        case.missing["flex"] = why
+    if flex:
+        from ...neighborhood_mask import Neighborhood
+        spec = Neighborhood(spatial, kernel)
+        add_flex(case, N, N, mask_mod=lambda b, h, q, kv: spec.allowed(b, h, q, kv, N, N),
+                 prepare=lambda x: (_flat(x["q"]), _flat(x["k"]), _flat(x["v"])))
     else:
-        fn, state = got
-        contenders["flex"] = fn
-        case.forward_only["flex"] = "FlexAttention has no backward on CPU"
-        case.setup_seconds["flex"] = lambda state=state: state["compile_s"]
+        case.skip["flex"] = "not compiled in quick mode (compiling takes 10-40 s)"
     nat, why = _natten(spatial, kernel)
     if nat is None:
         case.missing["natten"] = why

@@ -1,12 +1,11 @@
 """Exact softmax attention: anyattn's engines against torch SDPA, FlexAttention and the dense reference."""
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
 from ..case import Case
+from ..peers import add_flex, attention_flops
 
 DESCRIPTIONS = {
     "softmax": "exact attention, B=1 H=8 D=64, N in {1024, 4096, 16384}, causal and not (the default report)",
@@ -15,38 +14,11 @@ DESCRIPTIONS = {
 }
 
 
-def attention_flops(B, H, N_q, N_k, D, D_v, causal):
-    """2 matmuls of 2*N_q*N_k*D FLOPs each, halved for causal (the useful FLOPs)."""
-    f = 2.0 * B * H * N_q * N_k * (D + D_v)
-    return f / 2 if causal else f
-
-
 def _inputs(B, H, N, D, seed=0):
     def make(requires_grad):
         g = torch.Generator().manual_seed(seed)
         return {n: torch.randn(B, H, N, D, generator=g).requires_grad_(requires_grad) for n in "qkv"}
     return make
-
-
-def _flex(causal, N):
-    """Compiled FlexAttention with a causal block mask (or none); returns (fn, compile_seconds) or the
-    reason it is missing."""
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError as e:  # pragma: no cover - torch < 2.5
-        return None, f"FlexAttention not importable: {e}"
-    compiled = torch.compile(flex_attention, dynamic=False)
-    block_mask = create_block_mask(lambda b, h, q, k: q >= k, None, None, N, N, device="cpu") if causal else None
-    state = {"compile_s": None}
-
-    def fn(x):
-        if state["compile_s"] is None:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                compiled(x["q"].detach(), x["k"].detach(), x["v"].detach(), block_mask=block_mask)
-            state["compile_s"] = time.perf_counter() - t0
-        return compiled(x["q"], x["k"], x["v"], block_mask=block_mask)
-    return (fn, state), None
 
 
 def _case(workload, B, H, N, D, causal, *, flex=True, reference=True, backward_for=None,
@@ -71,14 +43,7 @@ def _case(workload, B, H, N, D, causal, *, flex=True, reference=True, backward_f
         del contenders["reference"]
         case.skip["reference"] = f"dense scores alone take {scores_gb:.1f} GB (x2-3 with softmax and backward)"
     if flex:
-        got, why = _flex(causal, N)
-        if got is None:
-            case.missing["flex"] = why
-        else:
-            fn, state = got
-            contenders["flex"] = fn
-            case.forward_only["flex"] = "FlexAttention has no backward on CPU"
-            case.setup_seconds["flex"] = lambda state=state: state["compile_s"]  # known after the first call
+        add_flex(case, N, N, mask_mod=(lambda b, h, q, k: q >= k) if causal else None)
     else:
         case.skip["flex"] = no_flex_reason
     if backward_for is not None:
