@@ -1,6 +1,6 @@
 """anyattn: fast attention and sequence-mixing operators with exact references, forward and backward
 on every device PyTorch runs on. See README.md and docs/."""
-from . import biases, linear, masks
+from . import biases, linear, masks, ssm
 from .api import attention, explain, methods
 from .approx.error import error
 from . import cache  # noqa: E402  (after .api: cache builds on it)
@@ -9,4 +9,4 @@ from .lse import merge
 from .softmax.neighborhood import neighborhood
 
 __version__ = "0.1.0"
-__all__ = ["attention", "explain", "methods", "merge", "error", "decode", "cache", "neighborhood", "masks", "biases", "linear"]
+__all__ = ["attention", "explain", "methods", "merge", "error", "decode", "cache", "neighborhood", "masks", "biases", "linear", "ssm"]

@@ -32,7 +32,7 @@ def table(results: dict) -> str:
         for n, r in c["contenders"].items():
             notes = []
             if r.get("setup_s"):
-                notes.append(f"compile {r['setup_s']:.1f} s (not in times)")
+                notes.append(f"setup {r['setup_s']:.1f} s (compile, SVD...; not in times)")
             if n in c.get("forward_only", {}):
                 notes.append("fwd only: " + c["forward_only"][n])
             for key in ("peak_bytes_forward_note", "peak_bytes_fwd_bwd_note"):

@@ -69,7 +69,10 @@ def run_case(case: Case, index: int, *, quick: bool, memory: bool, budget_s: flo
         if n in case.setup_seconds:
             r["setup_s"] = _setup_value(case.setup_seconds[n])
         if case.exact and case.exact in outs and n in outs:
-            r.update(_rel_errors(outs[n], outs[case.exact]))
+            if outs[n].shape == outs[case.exact].shape:
+                r.update(_rel_errors(outs[n], outs[case.exact]))
+            else:
+                r["error_note"] = f"no error: output shape {tuple(outs[n].shape)} differs from the exact one"
         res["contenders"][n] = r
     if case.backward:
         bnames = [n for n in names if n not in case.forward_only]

@@ -6,9 +6,11 @@ from .generate import generate, prefill, reorder_states, step
 from .linear_layers import LINEAR_LAYERS, GatedDeltaNetLayer, GLALayer, KDALayer
 from .neighborhood import NeighborhoodAttention1d, NeighborhoodAttention2d, NeighborhoodAttention3d
 from .rotary import RotaryEmbedding, apply_rotary
+from .ssm_layers import SSM_LAYERS, LongConvLayer, Mamba2Block, MambaBlock, S4DLayer
 
-MIXERS = {"attention": Attention, **LINEAR_LAYERS}
+MIXERS = {"attention": Attention, **LINEAR_LAYERS, **SSM_LAYERS}
 
-__all__ = ["MIXERS", "LINEAR_LAYERS", "Attention", "GLALayer", "GatedDeltaNetLayer", "KDALayer", "generate",
+__all__ = ["MIXERS", "LINEAR_LAYERS", "SSM_LAYERS", "S4DLayer", "MambaBlock", "Mamba2Block", "LongConvLayer",
+           "Attention", "GLALayer", "GatedDeltaNetLayer", "KDALayer", "generate",
            "prefill", "step", "reorder_states", "NeighborhoodAttention1d", "NeighborhoodAttention2d",
            "NeighborhoodAttention3d", "RotaryEmbedding", "apply_rotary"]
