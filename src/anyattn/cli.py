@@ -25,7 +25,7 @@ def _bench(args):
         torch.set_num_threads(args.threads)
         os.environ["ANYATTN_BENCH_THREADS"] = str(args.threads)  # for the memory subprocesses
     results = runner.run(chosen, quick=args.quick, memory=not args.no_memory, budget_s=args.budget,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, memory_max_s=args.memory_max)
     print(report.table(results))
     path = report.write_json(results, args.out)
     png = report.plot(results, args.out)
@@ -81,7 +81,9 @@ def main(argv=None) -> int:
     b.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     b.add_argument("--out", default="bench-out", help="output folder for results.json and bench.png")
     b.add_argument("--no-memory", action="store_true", help="skip the per-case peak-memory subprocesses")
-    b.add_argument("--budget", type=float, default=15.0, help="seconds of timing per case and mode (sets repeats)")
+    b.add_argument("--budget", type=float, default=6.0, help="seconds of timing per case and mode (sets repeats)")
+    b.add_argument("--memory-max", type=float, default=20.0,
+                   help="skip the memory re-run of contenders whose one run takes longer (seconds)")
     b.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(fn=_bench)

@@ -4,9 +4,11 @@ CPU: the child resets its RSS high-water mark (`/proc/self/clear_refs` = 5) afte
 and reads `VmHWM` from `/proc/self/status` after the run (ru_maxrss would survive execve and report
 the parent's peak). The figure is the peak resident memory above the RSS just before the run, after
 one untimed warm-up run in the same mode (so one-time library allocations are not counted).
+The forward peak is measured with gradients off.
 CUDA: `torch.cuda.max_memory_allocated` above the allocation before the run.
 
 Child usage: python -m anyattn.bench.memory WORKLOAD CASE_INDEX CONTENDER QUICK BACKWARD
+(BACKWARD=1 measures the forward and then the forward+backward peak in the same child.)
 """
 from __future__ import annotations
 
@@ -33,7 +35,25 @@ def _reset_peak() -> bool:
         return False
 
 
+def _peak_of(run, device, torch) -> int:
+    """Peak memory of `run()` above the memory in use just before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return max(0, torch.cuda.max_memory_allocated() - base)
+    if not _reset_peak():
+        raise RuntimeError("cannot reset VmHWM (/proc/self/clear_refs)")
+    base = _status_kib("VmRSS") * 1024
+    run()
+    return max(0, _status_kib("VmHWM") * 1024 - base)
+
+
 def _child(workload: str, index: int, contender: str, quick: bool, backward: bool) -> dict:
+    """Forward peak, then (when `backward`) forward+backward peak, each after a warm-up run in the same
+    mode: one-time library, thread-pool and autograd-engine allocations are not the method's memory."""
     import torch
     if os.environ.get("ANYATTN_BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["ANYATTN_BENCH_THREADS"]))
@@ -41,45 +61,35 @@ def _child(workload: str, index: int, contender: str, quick: bool, backward: boo
     from .case import first_tensor
     from .workloads import get_cases
     case = get_cases(workload, quick)[index]
-    inputs = case.make_inputs(backward)
     fn = case.contenders[contender]
+    inputs = case.make_inputs(backward)
     device = next((t.device for t in inputs.values() if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    # Warm-up in the measured mode: one-time library, thread-pool and autograd-engine allocations are
-    # not the method's memory.
-    if backward:
+
+    def forward():
+        with torch.no_grad():
+            fn(inputs)
+
+    def forward_backward():
         out = first_tensor(fn(inputs))
         out.backward(torch.ones_like(out))
         del out
         for t in inputs.values():
             if isinstance(t, torch.Tensor):
                 t.grad = None
-    else:
-        with torch.no_grad():
-            fn(inputs)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        if not _reset_peak():
-            return {"error": "cannot reset VmHWM (/proc/self/clear_refs)"}
-        base = _status_kib("VmRSS") * 1024
-    if backward:
-        out = first_tensor(fn(inputs))
-        out.backward(torch.ones_like(out))
-    else:
-        with torch.no_grad():
-            fn(inputs)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = _status_kib("VmHWM") * 1024
-    return {"peak_bytes": max(0, peak - base)}
+
+    try:
+        forward()
+        result = {"forward_bytes": _peak_of(forward, device, torch)}
+        if backward:
+            forward_backward()
+            result["fwd_bwd_bytes"] = _peak_of(forward_backward, device, torch)
+    except RuntimeError as e:
+        return {"error": str(e)}
+    return result
 
 
 def measure(workload: str, index: int, contender: str, quick: bool, backward: bool, timeout_s: float = 600) -> dict:
-    """Run the child and return {"peak_bytes": int} or {"error": str}."""
+    """Run the child; returns {"forward_bytes": int[, "fwd_bwd_bytes": int]} or {"error": str}."""
     cmd = [sys.executable, "-m", "anyattn.bench.memory", workload, str(index), contender, str(int(quick)),
            str(int(backward))]
     env = dict(os.environ)

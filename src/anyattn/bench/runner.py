@@ -46,7 +46,7 @@ def _setup_value(v):
 
 
 def run_case(case: Case, index: int, *, quick: bool, memory: bool, budget_s: float, roofline: float,
-             progress: Progress) -> dict:
+             progress: Progress, memory_max_s: float = 20.0) -> dict:
     names = list(case.contenders)
     res = {"workload": case.workload, "label": case.label, "params": case.params, "baseline": case.baseline,
            "flops_forward": case.flops, "contenders": {}, "skip": dict(case.skip), "missing": dict(case.missing),
@@ -109,32 +109,34 @@ def run_case(case: Case, index: int, *, quick: bool, memory: bool, budget_s: flo
     if memory:
         for n in names:
             r = res["contenders"][n]
-            modes = [False] + ([True] if case.backward and n not in case.forward_only else [])
-            for bwd in modes:
-                key = "peak_bytes_fwd_bwd" if bwd else "peak_bytes_forward"
-                est = r.get("fwd_bwd_s" if bwd else "forward_s", 0) + (r.get("setup_s") or 0)
-                if est > 60:
-                    r[key] = None
-                    r[key + "_note"] = f"not measured: one run takes {est:.0f} s"
-                    continue
-                m = measure_memory(case.workload, index, n, quick, bwd)
-                r[key] = m.get("peak_bytes")
-                if "error" in m:
-                    r[key + "_note"] = m["error"]
+            bwd = case.backward and n not in case.forward_only
+            est = r.get("forward_s", 0) + (r.get("fwd_bwd_s", 0) if bwd else 0) + (r.get("setup_s") or 0)
+            if est > memory_max_s:
+                r["peak_bytes_forward_note"] = f"not measured: one run takes {est:.0f} s"
+                continue
+            m = measure_memory(case.workload, index, n, quick, bwd)
+            r["peak_bytes_forward"] = m.get("forward_bytes")
+            if bwd:
+                r["peak_bytes_fwd_bwd"] = m.get("fwd_bwd_bytes")
+            if "error" in m:
+                r["peak_bytes_forward_note"] = m["error"]
         progress.step(f"{case.workload} {case.label} memory")
     return res
 
 
-def run(workloads: list[str], *, quick: bool = False, memory: bool = True, budget_s: float = 15.0,
-        progress: bool = True) -> dict:
-    """Run the named workloads; returns the JSON-able results."""
+def run(workloads: list[str], *, quick: bool = False, memory: bool = True, budget_s: float = 6.0,
+        progress: bool = True, memory_max_s: float = 20.0) -> dict:
+    """Run the named workloads; returns the JSON-able results. `budget_s`: timing seconds per case
+    and mode (sets the repeats); `memory_max_s`: contenders whose one run takes longer are not re-run
+    for the memory measurement (reported as such)."""
     roof = matmul_gflops()
     all_cases = [(w, i, c) for w in workloads for i, c in enumerate(get_cases(w, quick))]
     steps = sum(1 + int(c.backward) + int(memory) for _, _, c in all_cases)
     bar = Progress(steps, progress)
     results = []
     for w, i, c in all_cases:
-        results.append(run_case(c, i, quick=quick, memory=memory, budget_s=budget_s, roofline=roof, progress=bar))
+        results.append(run_case(c, i, quick=quick, memory=memory, budget_s=budget_s, roofline=roof, progress=bar,
+                                memory_max_s=memory_max_s))
     bar.close()
     return {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
