@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+from concurrent.futures import ThreadPoolExecutor
 import sys
 import time
 
@@ -107,16 +108,23 @@ def run_case(case: Case, index: int, *, quick: bool, memory: bool, budget_s: flo
         if r.get("fwd_bwd_s"):
             r["gflops_fwd_bwd"] = (case.flops + fb_flops) / r["fwd_bwd_s"] / 1e9
     if memory:
+        jobs = {}
         for n in names:
             r = res["contenders"][n]
             bwd = case.backward and n not in case.forward_only
             est = r.get("forward_s", 0) + (r.get("fwd_bwd_s", 0) if bwd else 0) + (r.get("setup_s") or 0)
             if est > memory_max_s:
                 r["peak_bytes_forward_note"] = f"not measured: one run takes {est:.0f} s"
-                continue
-            m = measure_memory(case.workload, index, n, quick, bwd)
+            else:
+                jobs[n] = bwd
+        # Peak memory is per process (VmHWM), so two children may run at once; timing is already done.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            found = dict(zip(jobs, pool.map(lambda nb: measure_memory(case.workload, index, nb[0], quick, nb[1]),
+                                            jobs.items())))
+        for n, m in found.items():
+            r = res["contenders"][n]
             r["peak_bytes_forward"] = m.get("forward_bytes")
-            if bwd:
+            if jobs[n]:
                 r["peak_bytes_fwd_bwd"] = m.get("fwd_bwd_bytes")
             if "error" in m:
                 r["peak_bytes_forward_note"] = m["error"]
