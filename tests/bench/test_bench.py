@@ -56,3 +56,19 @@ def test_memory_child_measures_peak():
     assert m["forward_bytes"] >= 32 * 2**20
     assert m["forward_bytes"] > 2 * b["forward_bytes"]
     assert m["fwd_bwd_bytes"] > 2 * b["fwd_bwd_bytes"]
+
+
+def test_a_failing_contender_is_reported_not_fatal():
+    import torch
+
+    from anyattn.bench.case import Case
+    from anyattn.bench.runner import Progress, run_case
+
+    def boom(x):
+        raise RuntimeError("peer exploded")
+
+    case = Case("t", "tiny", {}, 1.0, lambda g: {"x": torch.ones(3, requires_grad=g)},
+                {"ok": lambda x: x["x"] * 2, "boom": boom}, baseline="ok", exact="ok")
+    res = run_case(case, 0, quick=True, memory=False, budget_s=0.01, roofline=1.0, progress=Progress(1, False))
+    assert "boom" not in res["contenders"] and "peer exploded" in res["failed"]["boom"]
+    assert res["contenders"]["ok"]["forward_s"] > 0

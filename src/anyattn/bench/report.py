@@ -46,7 +46,10 @@ def table(results: dict) -> str:
                 f"{r.get('gflops_forward', 0):>9.1f}{(f'{100 * frac:.0f}%' if frac else '-'):>7}"
                 f"{_mb(r.get('peak_bytes_forward')):>12}{_mb(r.get('peak_bytes_fwd_bwd')):>9}"
                 f"{('-' if err is None else f'{err:.1e}'):>10}  {'; '.join(notes)}")
-        for kind in ("skip", "missing"):
+        for n, r in c["contenders"].items():
+            if r.get("fwd_bwd_note"):
+                lines.append(f"{n:<18}{r['fwd_bwd_note']}")
+        for kind in ("skip", "missing", "failed"):
             for n, why in c.get(kind, {}).items():
                 lines.append(f"{n:<18}{kind}: {why}")
     return "\n".join(lines)

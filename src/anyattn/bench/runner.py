@@ -37,7 +37,8 @@ class Progress:
 def _rel_errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
     out, ref = out.detach().double(), ref.detach().double()
     fro = float((out - ref).norm() / ref.norm().clamp_min(1e-300))
-    rows = (out - ref).flatten(0, -2).norm(dim=-1) / ref.flatten(0, -2).norm(dim=-1).clamp_min(1e-300)
+    out, ref = out.reshape(-1, out.shape[-1] if out.dim() else 1), ref.reshape(-1, ref.shape[-1] if ref.dim() else 1)
+    rows = (out - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-300)
     return {"rel_fro": fro, "rel_max_row": float(rows.max())}
 
 
@@ -49,21 +50,33 @@ def _setup_value(v):
 def run_case(case: Case, index: int, *, quick: bool, memory: bool, budget_s: float, roofline: float,
              progress: Progress, memory_max_s: float = 20.0) -> dict:
     names = list(case.contenders)
+    failed: dict[str, str] = {}
     res = {"workload": case.workload, "label": case.label, "params": case.params, "baseline": case.baseline,
            "flops_forward": case.flops, "contenders": {}, "skip": dict(case.skip), "missing": dict(case.missing),
-           "forward_only": dict(case.forward_only)}
+           "forward_only": dict(case.forward_only), "failed": failed}
     x = case.make_inputs(False)
     outs = {}
-    with torch.no_grad():
-        for n in names:
-            if n in case.setup_seconds:
-                outs[n] = first_tensor(case.contenders[n](x))  # warm-up call: compile etc.
 
+    def guard(n, f):
+        """A contender that raises is reported as failed, not allowed to abort the whole run."""
+        def g():
+            if n not in failed:
+                try:
+                    f()
+                except Exception as e:  # noqa: BLE001 - any failure of a peer is reported
+                    failed[n] = f"{type(e).__name__}: {str(e)[:300]}"
+        return g
+
+    with torch.no_grad():
         def capture(n):
             def g():
                 outs[n] = first_tensor(case.contenders[n](x))
-            return g
+            return guard(n, g)
+        for n in names:
+            if n in case.setup_seconds:
+                capture(n)()  # warm-up call: compile etc.
         times_f = alternating({n: capture(n) for n in names}, budget_s=budget_s)
+    names = [n for n in names if n not in failed]
     progress.step(f"{case.workload} {case.label} forward")
     for n in names:
         r = {"forward_s": median(times_f[n]), "forward_repeats": len(times_f[n])}
@@ -89,10 +102,13 @@ def run_case(case: Case, index: int, *, quick: bool, memory: bool, budget_s: flo
                 out.backward(cot[n])
                 for t in leaves:
                     t.grad = None
-            return g
+            return guard(n, g)
         if bnames:
             times_b = alternating({n: fb(n) for n in bnames}, budget_s=budget_s)
             for n in bnames:
+                if n in failed:
+                    res["contenders"][n]["fwd_bwd_note"] = "backward failed: " + failed.pop(n)
+                    continue
                 res["contenders"][n]["fwd_bwd_s"] = median(times_b[n])
                 res["contenders"][n]["fwd_bwd_repeats"] = len(times_b[n])
         progress.step(f"{case.workload} {case.label} forward+backward")

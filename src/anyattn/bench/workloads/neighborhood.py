@@ -78,7 +78,10 @@ def _case(workload, spatial, kernel, *, B=1, H=8, D=64, label="", flex=True):
         del contenders["sdpa_dense"]
         case.skip["sdpa_dense"] = f"the N x N mask takes {dense_bytes / 1e9:.1f} GB (> 4 GB)"
         case.exact = None
-    if flex:
+    if flex and N * N > 2 ** 31:
+        case.skip["flex"] = (f"create_block_mask materializes the {N} x {N} mask on CPU "
+                             f"({N * N * 8 / 1e9:.0f} GB as int64); run at N only")
+    elif flex:
         from ...neighborhood_mask import Neighborhood
         spec = Neighborhood(spatial, kernel)
         add_flex(case, N, N, mask_mod=lambda b, h, q, kv: spec.allowed(b, h, q, kv, N, N),
