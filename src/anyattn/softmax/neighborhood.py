@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..lse import merge
 from ..masks import Dense
 from ..neighborhood_mask import group_sizes, normalize_args, window
-from ..validate import FLOAT_DTYPES, Shape, check_same_device_dtype, check_scale, check_tensor
+from ..validate import Shape, check_qkv, check_same_device_dtype, check_scale, check_tensor
 from .blocked import blocked_attention
 from .sdpa import lse_supported, sdpa_attention
 
@@ -263,24 +263,13 @@ def _check_inputs(q, k, v, additional_k, additional_v):
     for name, x in (("k", k), ("v", v)):
         if x.dim() != q.dim():
             raise ValueError(f"{name} must have q's number of dimensions {q.dim()}, got shape {tuple(x.shape)}")
-    if q.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"q must have a floating dtype {[str(d) for d in FLOAT_DTYPES]}, got {q.dtype}")
-    check_same_device_dtype("q", q, k=k, v=v)
     B, H, *spatial, D = q.shape
-    Bk, H_kv, *sk, Dk = k.shape
-    Bv, Hv, *sv, D_v = v.shape
-    if Bk != B or Bv != B:
-        raise ValueError(f"k and v must have q's batch size {B}, got k: {Bk}, v: {Bv}")
-    if Hv != H_kv:
-        raise ValueError(f"v must have k's number of heads {H_kv}, got {Hv}")
-    if H_kv == 0 or H % H_kv != 0:
-        raise ValueError(f"q's heads ({H}) must be a multiple of k's heads (H_kv = {H_kv}) for grouped-query attention")
-    if tuple(sk) != tuple(spatial) or tuple(sv) != tuple(spatial):
-        raise ValueError(f"k and v must have q's spatial shape {tuple(spatial)}, got k: {tuple(sk)}, v: {tuple(sv)}")
-    if Dk != D:
-        raise ValueError(f"k must have q's head dim {D}, got {Dk}")
-    if min(spatial) == 0 or D == 0 or D_v == 0 or B == 0 or H == 0:
-        raise ValueError(f"q, k, v must be non-empty, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    sk, sv = tuple(k.shape[2:-1]), tuple(v.shape[2:-1])
+    if sk != tuple(spatial) or sv != tuple(spatial):
+        raise ValueError(f"k and v must have q's spatial shape {tuple(spatial)}, got k: {sk}, v: {sv}")
+    # The rest (dtype, device, batch, heads, head dims, non-empty) is the flattened-sequence contract.
+    shape = check_qkv(q.flatten(2, -2), k.flatten(2, -2), v.flatten(2, -2))
+    H_kv, D_v = shape.H_kv, shape.D_v
     if (additional_k is None) != (additional_v is None):
         raise ValueError("additional_k and additional_v must be given together, got "
                          f"additional_k={'a tensor' if additional_k is not None else None}, "
