@@ -6,7 +6,9 @@ or per key channel), for every chunk at once (batched matmuls):
 
     A[r, c] = sum_d a[r, d] b[c, d] exp(Γ[r, d] - Γ[c, d])    (c <= r; the "decayed gram")
 
-and only the inter-chunk state recurrence is a Python loop over the N / C chunks.
+and only the inter-chunk state recurrence is a Python loop over the N / C chunks. The delta engine
+works through the sequence in groups of chunks (about GROUP_TOKENS tokens), so each group's operands
+stay in cache.
 
 Two engines share these pieces:
 
@@ -30,6 +32,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..lse import EXP_FLOOR
 
 _MIN_BLOCK = 4
 
@@ -63,12 +67,14 @@ def chunk_log_decay(g: torch.Tensor, C: int) -> torch.Tensor:
 
 
 def decay_matrix(G: torch.Tensor) -> torch.Tensor:
-    """`exp(G_r - G_c)` for c <= r, exactly 0 above: G `(..., L)` -> `(..., L, L)`; the exponent is
-    masked to -inf before exp, so nothing positive is ever exponentiated."""
+    """`exp(G_r - G_c)` for c <= r, exactly 0 above: G `(..., L)` non-increasing -> `(..., L, L)`.
+
+    The exponent is clamped to [EXP_FLOOR, 0] before exp (nothing positive is exponentiated, and no
+    denormal results: both are slow paths of CPU exp; a factor below e^-80 is negligible next to the
+    diagonal's 1), then the upper triangle is multiplied by 0."""
     L = G.shape[-1]
-    d = G[..., :, None] - G[..., None, :]
-    d.masked_fill_(~_tril_mask(L, G.device), float("-inf"))
-    return d.exp_()
+    e = torch.exp(torch.clamp(G[..., :, None] - G[..., None, :], EXP_FLOOR, 0.0))
+    return e * _tril_mask(L, G.device).to(e.dtype)
 
 
 def gram_scalar(a, b, G, diagonal: int = 0):
@@ -130,45 +136,29 @@ def gram_vector(a, b, G):
 
 
 def solve_unit_lower(A: torch.Tensor, R: torch.Tensor, block: int = 16) -> torch.Tensor:
-    """Solve `(I + A) X = R` for strictly lower-triangular A `(..., C, C)`, R `(..., C, M)`.
+    """Solve `(I + A) X = R` for strictly lower-triangular A `(M, C, C)`, R `(M, C, F)`.
 
-    Batched, matmul-only: the inverse of each `block x block` diagonal block is the finite Neumann
-    series `sum_j (-A_ii)^j = prod_k (I + (-A_ii)^(2^k))` (A_ii is nilpotent, so it is exact), and
-    the blocks are then eliminated by block forward substitution (C / block steps).
-    Same result as `torch.linalg.solve_triangular(A, R, upper=False, unitriangular=True)`, but it
-    runs as a few large batched matmuls: LAPACK's batched trsm calls threaded BLAS once per
-    matrix, which becomes 100x slower when the CPU is shared with other processes."""
+    Batched and matmul-only: the inverse of each `block x block` diagonal block is the finite Neumann
+    series `sum_j (-A_ii)^j = prod_k (I + (-A_ii)^(2^k))` (A_ii is nilpotent, so it is exact), then
+    block forward substitution over the C / block row blocks. Same result as
+    `torch.linalg.solve_triangular(I + A, R, upper=False, unitriangular=True)`, which on CPU calls
+    LAPACK once per matrix and is several times slower for these small systems."""
     C = A.shape[-1]
     b = block if C % block == 0 else C
     nb = C // b
-    batch = A.shape[:-2]
-    eye = torch.eye(b, dtype=A.dtype, device=A.device)
-    diag = A.reshape(*batch, nb, b, nb, b).diagonal(dim1=-4, dim2=-2).permute(*range(len(batch)), -1, -3, -2)
-    N = -diag                                                         # (..., nb, b, b)
-    P, M = eye + N, N
+    diag = A.reshape(-1, nb, b, nb, b).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (M, nb, b, b)
+    N = -diag
+    P, Np = N + torch.eye(b, dtype=A.dtype, device=A.device), N
     for _ in range(max(0, (b - 1).bit_length() - 1)):
-        M = M @ M
-        P = P + P @ M
-    if nb == 1:
-        return P[..., 0, :, :] @ R
-    if not (torch.is_grad_enabled() and (A.requires_grad or R.requires_grad)):
-        # inference: write the blocks into one buffer (no per-block copies)
-        X = torch.empty(torch.broadcast_shapes(A.shape[:-2], R.shape[:-2]) + R.shape[-2:], dtype=R.dtype,
-                        device=R.device)
-        for i in range(nb):
-            rows = slice(i * b, (i + 1) * b)
-            rhs = R[..., rows, :]
-            if i:
-                rhs = rhs - A[..., rows, :i * b] @ X[..., :i * b, :]
-            torch.matmul(P[..., i, :, :], rhs, out=X[..., rows, :])
-        return X
+        Np = Np @ Np
+        P = P + P @ Np
     xs = []
     for i in range(nb):
-        rhs = R[..., i * b:(i + 1) * b, :]
+        rhs = R[:, i * b:(i + 1) * b]
         for j in range(i):
-            rhs = rhs - A[..., i * b:(i + 1) * b, j * b:(j + 1) * b] @ xs[j]
-        xs.append(P[..., i, :, :] @ rhs)
-    return torch.cat(xs, -2)
+            rhs = torch.baddbmm(rhs, A[:, i * b:(i + 1) * b, j * b:(j + 1) * b], xs[j], alpha=-1.0)
+        xs.append(torch.bmm(P[:, i], rhs))
+    return xs[0] if nb == 1 else torch.cat(xs, 1)
 
 
 def _decay_factors(G, qc, kc):
@@ -193,28 +183,6 @@ def _state_scan(S, d, dS):
         states.append(S)
         S = torch.addcmul(dS_n, d_n, S)
     return torch.stack(states, 2), S
-
-
-def _delta_scan(S, W, U, kd, d):
-    """Per chunk: Ṽ_n = U_n - W_n S_n; S_{n+1} = d_n S_n + kd_n^T Ṽ_n (the only Python loop)."""
-    B, H, NC, C, K = W.shape
-    V = U.shape[-1]
-
-    def lead(x):
-        return x.permute(2, 0, 1, 3, 4).reshape(NC, B * H, *x.shape[3:])
-
-    Wt, Ut, kdT = lead(W), lead(U), lead(kd.transpose(-1, -2))
-    dt = None if d is None else lead(d.expand(B, H, NC, *d.shape[3:]))
-    S = S.reshape(B * H, K, V)
-    states, news = [], []
-    for n in range(NC):
-        states.append(S)
-        v_new = torch.baddbmm(Ut[n], Wt[n], S, alpha=-1.0)
-        news.append(v_new)
-        S = torch.baddbmm(S if dt is None else S * dt[n], kdT[n], v_new)
-    prev = torch.stack(states, 0).reshape(NC, B, H, K, V).permute(1, 2, 0, 3, 4)
-    v_new = torch.stack(news, 0).reshape(NC, B, H, C, V).permute(1, 2, 0, 3, 4)
-    return prev, v_new, S.reshape(B, H, K, V)
 
 
 def _prepare(q, k, v, scale, g, initial_state, chunk_size, extra=()):
@@ -246,30 +214,72 @@ def chunk_decay_attention(q, k, v, scale: float, g=None, initial_state=None, chu
     return o.reshape(B, H, -1, V)[:, :, :N], S
 
 
+# Tokens per group of chunks in `chunk_delta`: every step of a group (grams, solve, state passing)
+# works on about this many tokens of every head, so its operands stay in cache.
+GROUP_TOKENS = 256
+
+
+def _delta_group(qc, kc, vc, bc, G, S):
+    """One group of n chunks of every (batch, head) row, all flattened to M = BH * n matrices.
+
+    qc, kc `(BH, n, C, K)`, vc `(BH, n, C, V)`, bc `(BH, n, C)`, G None | `(BH, n, C)` |
+    `(BH, n, C, K)`; S `(BH, K, V)`, the state before the group. Returns (n outputs `(BH, C, V)`, S)."""
+    BH, n, C, K = kc.shape
+    V = vc.shape[-1]
+    M = BH * n
+    q, k, v, b = qc.reshape(M, C, K), kc.reshape(M, C, K), vc.reshape(M, C, V), bc.reshape(M, C)
+    G = None if G is None else G.reshape(M, C, *G.shape[3:])
+    kT = k.transpose(1, 2)
+    if G is None:
+        A_qk, A_kk = (q @ kT).tril(), k @ kT
+    elif G.dim() == 2:
+        E = decay_matrix(G)
+        A_qk, A_kk = (q @ kT) * E, (k @ kT) * E
+    else:
+        A = gram_vector(torch.stack([q, k]), k, G)
+        A_qk, A_kk = A[0], A[1]
+    A_kk = A_kk.tril(-1) * b[:, :, None]
+    qd, kd, d = _decay_factors(G, q, k)
+    if G is None:
+        kg = k * b[:, :, None]
+    elif G.dim() == 2:
+        kg = k * (torch.exp(G) * b)[:, :, None]
+    else:
+        kg = k * (torch.exp(G) * b[:, :, None])
+    X = solve_unit_lower(A_kk, torch.cat([kg, v * b[:, :, None]], -1)).view(BH, n, C, K + V)
+    W, U = X[..., :K], X[..., K:]                                      # (BH, n, C, K), (BH, n, C, V)
+    kdT = kd.view(BH, n, C, K).transpose(-1, -2)
+    qd, A_qk = qd.view(BH, n, C, K), A_qk.view(BH, n, C, C)
+    d = None if d is None else d.view(BH, n, *d.shape[1:])
+    outs = []
+    for i in range(n):
+        v_new = torch.baddbmm(U[:, i], W[:, i], S, alpha=-1.0)        # Ṽ = U - W S
+        outs.append(torch.baddbmm(A_qk[:, i] @ v_new, qd[:, i], S))   # O = A_qk Ṽ + (Q ⊙ e^Γ) S
+        S = torch.baddbmm(S if d is None else S * d[:, i], kdT[:, i], v_new)
+    return outs, S
+
+
 def chunk_delta(q, k, v, beta, scale: float, g=None, initial_state=None, chunk_size: int = 64):
     """Delta-rule family. q, k `(B, H, N, K)`, v `(B, H, N, V)`, beta `(B, H, N)`, g None (DeltaNet)
-    | `(B, H, N)` (Gated DeltaNet) | `(B, H, N, K)` (KDA). Returns `(o, S_N)`."""
+    | `(B, H, N)` (Gated DeltaNet) | `(B, H, N, K)` (KDA). Returns `(o, S_N)`.
+
+    Chunks are processed in groups of about GROUP_TOKENS tokens: per group, the decayed grams and the
+    UT transform of all its chunks (batched matmuls), then the state passing through them."""
     (B, H, N, K, V, C), qc, kc, vc, G, S, (bc,) = _prepare(
         q, k, v, scale, g, initial_state, chunk_size, extra=(beta,))
-    kT = kc.transpose(-1, -2)
-    if G is not None and G.dim() == 5:
-        M = gram_vector(torch.stack([qc, kc]), kc, G)
-        A_qk, A_kk = M[0], M[1]
-    elif G is None:
-        A_qk, A_kk = (qc @ kT).tril(), kc @ kT
-    else:
-        E = decay_matrix(G)
-        A_qk, A_kk = (qc @ kT) * E, (kc @ kT) * E
-    A_kk = A_kk.tril(-1) * bc[..., :, None]
-    qd, kd, d = _decay_factors(G, qc, kc)
-    if G is None:
-        kg = kc * bc[..., None]
-    elif G.dim() == 4:
-        kg = kc * (torch.exp(G) * bc)[..., None]
-    else:
-        kg = kc * (torch.exp(G) * bc[..., None])
-    rhs = torch.cat([kg, vc * bc[..., None]], -1)
-    X = solve_unit_lower(A_kk, rhs)                                   # [W | U]: (..., C, K + V)
-    prev, v_new, S = _delta_scan(S, X[..., :K], X[..., K:], kd, d)
-    o = qd @ prev + A_qk @ v_new
-    return o.reshape(B, H, -1, V)[:, :, :N], S
+    NC = qc.shape[2]
+
+    def flat(x):
+        return None if x is None else x.reshape(B * H, NC, *x.shape[3:])
+
+    qc, kc, vc, bc, G = flat(qc), flat(kc), flat(vc), flat(bc), flat(G)
+    S = S.reshape(B * H, K, V)
+    n = max(1, GROUP_TOKENS // C)
+    outs = []
+    for c0 in range(0, NC, n):
+        part = slice(c0, c0 + n)
+        o, S = _delta_group(qc[:, part], kc[:, part], vc[:, part], bc[:, part],
+                            None if G is None else G[:, part], S)
+        outs += o
+    o = torch.stack(outs, 1)
+    return o.reshape(B, H, NC * C, V)[:, :, :N], S.reshape(B, H, K, V)
