@@ -252,10 +252,12 @@ def _delta_group(qc, kc, vc, bc, G, S):
     qd, A_qk = qd.view(BH, n, C, K), A_qk.view(BH, n, C, C)
     d = None if d is None else d.view(BH, n, *d.shape[1:])
     outs = []
-    for i in range(n):
-        v_new = torch.baddbmm(U[:, i], W[:, i], S, alpha=-1.0)        # Ṽ = U - W S
-        outs.append(torch.baddbmm(A_qk[:, i] @ v_new, qd[:, i], S))   # O = A_qk Ṽ + (Q ⊙ e^Γ) S
-        S = torch.baddbmm(S if d is None else S * d[:, i], kdT[:, i], v_new)
+    per_chunk = zip(W.unbind(1), U.unbind(1), A_qk.unbind(1), qd.unbind(1), kdT.unbind(1),
+                    d.unbind(1) if d is not None else [None] * n)
+    for W_i, U_i, A_i, qd_i, kdT_i, d_i in per_chunk:
+        v_new = torch.baddbmm(U_i, W_i, S, alpha=-1.0)                # Ṽ = U - W S
+        outs.append(torch.baddbmm(A_i @ v_new, qd_i, S))              # O = A_qk Ṽ + (Q ⊙ e^Γ) S
+        S = torch.baddbmm(S if d_i is None else S * d_i, kdT_i, v_new)
     return outs, S
 
 
@@ -275,11 +277,12 @@ def chunk_delta(q, k, v, beta, scale: float, g=None, initial_state=None, chunk_s
     qc, kc, vc, bc, G = flat(qc), flat(kc), flat(vc), flat(bc), flat(G)
     S = S.reshape(B * H, K, V)
     n = max(1, GROUP_TOKENS // C)
+    # split (not slicing in the loop): the backward of one split is one concatenation, whereas each
+    # slice's backward would materialize a zero tensor of the full length (quadratic in N).
+    groups = zip(*(x.split(n, 1) for x in (qc, kc, vc, bc)), G.split(n, 1) if G is not None else [None] * NC)
     outs = []
-    for c0 in range(0, NC, n):
-        part = slice(c0, c0 + n)
-        o, S = _delta_group(qc[:, part], kc[:, part], vc[:, part], bc[:, part],
-                            None if G is None else G[:, part], S)
+    for qg, kg, vg, bg, Gg in groups:
+        o, S = _delta_group(qg, kg, vg, bg, Gg, S)
         outs += o
     o = torch.stack(outs, 1)
     return o.reshape(B, H, NC * C, V)[:, :, :N], S.reshape(B, H, K, V)
