@@ -77,16 +77,17 @@ METHODS = {
 
 
 def make_inputs(method, B=2, H=2, N=17, K=8, V=6, dtype=torch.float64, seed=0, strength=1.0,
-                initial_state=True, requires_grad=False):
+                initial_state=True, requires_grad=False, groups=1):
     """Random inputs for a METHODS entry. Keys are L2-normalized for the delta family.
-    strength scales the log-decays (g roughly in [-strength * 2, 0])."""
+    strength scales the log-decays (g roughly in [-strength * 2, 0]). groups: query heads per
+    key/value head (q gets H * groups heads; k, v, gates and state H)."""
     gen = torch.Generator().manual_seed(seed)
     _, _, gkind, uses_beta = METHODS[method]
 
     def rn(*s):
         return torch.randn(*s, generator=gen, dtype=torch.float64)
 
-    q, k, v = rn(B, H, N, K), rn(B, H, N, K), rn(B, H, N, V)
+    q, k, v = rn(B, H * groups, N, K), rn(B, H, N, K), rn(B, H, N, V)
     if uses_beta:
         k = F.normalize(k, dim=-1)
         q = F.normalize(q, dim=-1)

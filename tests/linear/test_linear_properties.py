@@ -1,4 +1,5 @@
-"""Property-based: chunk == recurrence (float64) over drawn shapes, chunk sizes and methods."""
+"""Property-based: chunk == recurrence (float64) over drawn shapes, chunk sizes, grouped-query
+ratios and methods."""
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -8,12 +9,12 @@ from _linear_cases import METHODS, call, make_inputs
 @settings(deadline=None, max_examples=12)
 @given(method=st.sampled_from(sorted(METHODS)), B=st.integers(1, 2), H=st.integers(1, 3), N=st.integers(1, 40),
        K=st.integers(1, 9), V=st.integers(1, 7), chunk_size=st.sampled_from([1, 3, 4, 8, 16, 64]),
-       with_state=st.booleans(), seed=st.integers(0, 1000))
-def test_chunk_equals_recurrence(method, B, H, N, K, V, chunk_size, with_state, seed):
-    inp = make_inputs(method, B=B, H=H, N=N, K=K, V=V, seed=seed, initial_state=with_state)
+       with_state=st.booleans(), groups=st.sampled_from([1, 1, 2, 3]), seed=st.integers(0, 1000))
+def test_chunk_equals_recurrence(method, B, H, N, K, V, chunk_size, with_state, groups, seed):
+    inp = make_inputs(method, B=B, H=H, N=N, K=K, V=V, seed=seed, initial_state=with_state, groups=groups)
     o1, S1 = call(method, inp, chunk_size=chunk_size, output_final_state=True)
     o2, S2 = call(method, inp, mode="recurrent", output_final_state=True)
-    assert o1.shape == (B, H, N, V) and S1.shape == (B, H, K, V)
+    assert o1.shape == (B, H * groups, N, V) and S1.shape == (B, H, K, V)
     torch.testing.assert_close(o1, o2, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(S1, S2, rtol=1e-9, atol=1e-9)
 

@@ -25,8 +25,26 @@ def test_not_a_tensor():
 
 def test_k_shape_mismatch():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"k must have q's shape \(B, H, N, D_k\) = \(2, 3, 5, 4\), got \(2, 3, 5, 7\)"):
+    with pytest.raises(ValueError, match=r"k must have q's shape \(B, H, N, D_k\) = \(2, 3, 5, 4\) "
+                                         r"\(or fewer heads H dividing q's\), got \(2, 3, 5, 7\)"):
         L.delta_rule(q, torch.randn(B, H, N, 7), v, torch.rand(B, H, N))
+
+
+def test_kv_heads_must_divide_query_heads():
+    q = torch.randn(B, 6, N, K)
+    with pytest.raises(ValueError, match=r"k must have a number of heads dividing q's H_q = 6 \(grouped-query\), got 4"):
+        L.gla(q, torch.randn(B, 4, N, K), torch.randn(B, 4, N, V), torch.zeros(B, 4, N, K))
+    with pytest.raises(ValueError, match=r"k_t must have a number of heads dividing q_t's H_q = 6 \(grouped-query\), got 4"):
+        L.gla_step(q[:, :, 0], torch.randn(B, 4, K), torch.randn(B, 4, V), torch.zeros(B, 4, K))
+
+
+def test_gates_and_state_follow_the_key_heads():
+    q = torch.randn(B, 6, N, K)
+    k, v = torch.randn(B, 3, N, K), torch.randn(B, 3, N, V)
+    with pytest.raises(ValueError, match=r"g must have shape \(B, H, N\) = \(2, 3, 5\), got \(2, 6, 5\)"):
+        L.gated_delta_rule(q, k, v, torch.zeros(B, 6, N), torch.rand(B, 3, N))
+    with pytest.raises(ValueError, match=r"initial_state must have shape \(B, H, D_k, D_v\) = \(2, 3, 4, 6\), got \(2, 6, 4, 6\)"):
+        L.retention(q, k, v, torch.zeros(3), initial_state=torch.zeros(B, 6, K, V))
 
 
 def test_v_shape_mismatch():

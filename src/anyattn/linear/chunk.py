@@ -162,14 +162,16 @@ def solve_unit_lower(A: torch.Tensor, R: torch.Tensor, block: int = 16) -> torch
 
 
 def _decay_factors(G, qc, kc):
-    """(Q ⊙ e^Γ, e^{Γ_C - Γ} ⊙ K, e^{Γ_C} shaped to multiply the state (..., K or 1, 1))."""
+    """(Q ⊙ e^Γ, e^{Γ_C - Γ} ⊙ K, e^{Γ_C} shaped to multiply the state (..., K or 1, 1)).
+    qc `(..., Gq, C, K)` (Gq query heads per key head), kc `(..., C, K)`, G `(..., C)` or `(..., C, K)`."""
     if G is None:
         return qc, kc, None
-    if G.dim() == qc.dim() - 1:                                       # scalar decay (B, H, NC, C)
+    if G.dim() == kc.dim() - 1:                                       # scalar decay (..., C)
         g_last = G[..., -1:]
-        return qc * torch.exp(G)[..., None], kc * torch.exp(g_last - G)[..., None], torch.exp(g_last)[..., None]
-    g_last = G[..., -1:, :]                                           # (B, H, NC, 1, K)
-    return qc * torch.exp(G), kc * torch.exp(g_last - G), torch.exp(g_last).transpose(-1, -2)
+        return (qc * torch.exp(G)[..., None, :, None], kc * torch.exp(g_last - G)[..., None],
+                torch.exp(g_last)[..., None])
+    g_last = G[..., -1:, :]                                           # (..., 1, K)
+    return qc * torch.exp(G)[..., None, :, :], kc * torch.exp(g_last - G), torch.exp(g_last).transpose(-1, -2)
 
 
 def _state_scan(S, d, dS):
@@ -186,32 +188,43 @@ def _state_scan(S, d, dS):
 
 
 def _prepare(q, k, v, scale, g, initial_state, chunk_size, extra=()):
-    B, H, N, K = q.shape
+    """Pad to whole chunks and cut: q `(B, H, Gq, N, K)` -> `(B, H, NC, Gq, C, K)` (scaled), k, v, g,
+    extra `(B, H, N, ...)` -> `(B, H, NC, C, ...)` (g as its in-chunk cumulative sum Γ)."""
+    B, H, Gq, N, K = q.shape
     V = v.shape[-1]
     C = min(chunk_size, -(-N // 4) * 4)  # short inputs: one chunk, padded to a multiple of 4
     pad = (-N) % C
-    q = _pad_time(q * scale, pad)
+    qc = _pad_time(q * scale, pad).reshape(B, H, Gq, -1, C, K).transpose(2, 3)
     k, v = _pad_time(k, pad), _pad_time(v, pad)
     G = None if g is None else chunk_log_decay(_pad_time(g, pad), C)
     extra = tuple(_to_chunks(_pad_time(x, pad), C) for x in extra)
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state
-    return (B, H, N, K, V, C), _to_chunks(q, C), _to_chunks(k, C), _to_chunks(v, C), G, S, extra
+    S = k.new_zeros(B, H, K, V) if initial_state is None else initial_state
+    return (B, H, Gq, N, K, V, C), qc, _to_chunks(k, C), _to_chunks(v, C), G, S, extra
+
+
+def _unchunk(o, B, H, Gq, C, N):
+    """`(B, H, NC, Gq * C, V)` chunked outputs -> `(B, H, Gq, N, V)`."""
+    NC, V = o.shape[2], o.shape[-1]
+    return o.reshape(B, H, NC, Gq, C, V).transpose(2, 3).reshape(B, H, Gq, NC * C, V)[:, :, :, :N]
 
 
 def chunk_decay_attention(q, k, v, scale: float, g=None, initial_state=None, chunk_size: int = 64):
-    """Causal linear attention with optional decay. q, k `(B, H, N, K)`, v `(B, H, N, V)`,
-    g None | `(B, H, N)` (scalar log-decay) | `(B, H, N, K)` (per channel), initial_state
-    `(B, H, K, V)` or None. Returns `(o (B, H, N, V), S_N (B, H, K, V))`."""
-    (B, H, N, K, V, C), qc, kc, vc, G, S, _ = _prepare(q, k, v, scale, g, initial_state, chunk_size)
+    """Causal linear attention with optional decay. q `(B, H, Gq, N, K)` (Gq query heads per key
+    head), k `(B, H, N, K)`, v `(B, H, N, V)`, g None | `(B, H, N)` (scalar log-decay) |
+    `(B, H, N, K)` (per channel), initial_state `(B, H, K, V)` or None.
+    Returns `(o (B, H, Gq, N, V), S_N (B, H, K, V))`."""
+    (B, H, Gq, N, K, V, C), qc, kc, vc, G, S, _ = _prepare(q, k, v, scale, g, initial_state, chunk_size)
+    Gb = None if G is None else G[:, :, :, None]                      # broadcast over the query heads
     if G is None or G.dim() == 4:
-        A = gram_scalar(qc, kc, G)
+        A = gram_scalar(qc, kc[:, :, :, None], Gb)
     else:
-        A = gram_vector(qc, kc, G)
+        A = gram_vector(qc, kc[:, :, :, None], Gb)                    # (B, H, NC, Gq, C, C)
     qd, kd, d = _decay_factors(G, qc, kc)
     dS = kd.transpose(-1, -2) @ vc                                    # (B, H, NC, K, V)
     prev, S = _state_scan(S, d, dS)
-    o = A @ vc + qd @ prev
-    return o.reshape(B, H, -1, V)[:, :, :N], S
+    NC = qc.shape[2]
+    o = A.reshape(B, H, NC, Gq * C, C) @ vc + qd.reshape(B, H, NC, Gq * C, K) @ prev
+    return _unchunk(o, B, H, Gq, C, N), S
 
 
 # Tokens per group of chunks in `chunk_delta`: every step of a group (grams, solve, state passing)
@@ -222,22 +235,23 @@ GROUP_TOKENS = 256
 def _delta_group(qc, kc, vc, bc, G, S):
     """One group of n chunks of every (batch, head) row, all flattened to M = BH * n matrices.
 
-    qc, kc `(BH, n, C, K)`, vc `(BH, n, C, V)`, bc `(BH, n, C)`, G None | `(BH, n, C)` |
-    `(BH, n, C, K)`; S `(BH, K, V)`, the state before the group. Returns (n outputs `(BH, C, V)`, S)."""
-    BH, n, C, K = kc.shape
+    qc `(BH, n, Gq, C, K)`, kc `(BH, n, C, K)`, vc `(BH, n, C, V)`, bc `(BH, n, C)`, G None |
+    `(BH, n, C)` | `(BH, n, C, K)`; S `(BH, K, V)`, the state before the group.
+    Returns (n outputs `(BH, Gq * C, V)`, S)."""
+    BH, n, Gq, C, K = qc.shape
     V = vc.shape[-1]
     M = BH * n
-    q, k, v, b = qc.reshape(M, C, K), kc.reshape(M, C, K), vc.reshape(M, C, V), bc.reshape(M, C)
+    q, k, v, b = qc.reshape(M, Gq, C, K), kc.reshape(M, C, K), vc.reshape(M, C, V), bc.reshape(M, C)
     G = None if G is None else G.reshape(M, C, *G.shape[3:])
     kT = k.transpose(1, 2)
     if G is None:
-        A_qk, A_kk = (q @ kT).tril(), k @ kT
+        A_qk, A_kk = (q.reshape(M, Gq * C, K) @ kT).view(M, Gq, C, C).tril(), k @ kT
     elif G.dim() == 2:
         E = decay_matrix(G)
-        A_qk, A_kk = (q @ kT) * E, (k @ kT) * E
+        A_qk, A_kk = (q.reshape(M, Gq * C, K) @ kT).view(M, Gq, C, C) * E[:, None], (k @ kT) * E
     else:
-        A = gram_vector(torch.stack([q, k]), k, G)
-        A_qk, A_kk = A[0], A[1]
+        A = gram_vector(torch.cat([k[None], q.transpose(0, 1)]), k, G)  # (1 + Gq, M, C, C)
+        A_qk, A_kk = A[1:].transpose(0, 1), A[0]
     A_kk = A_kk.tril(-1) * b[:, :, None]
     qd, kd, d = _decay_factors(G, q, k)
     if G is None:
@@ -249,7 +263,7 @@ def _delta_group(qc, kc, vc, bc, G, S):
     X = solve_unit_lower(A_kk, torch.cat([kg, v * b[:, :, None]], -1)).view(BH, n, C, K + V)
     W, U = X[..., :K], X[..., K:]                                      # (BH, n, C, K), (BH, n, C, V)
     kdT = kd.view(BH, n, C, K).transpose(-1, -2)
-    qd, A_qk = qd.view(BH, n, C, K), A_qk.view(BH, n, C, C)
+    qd, A_qk = qd.reshape(BH, n, Gq * C, K), A_qk.reshape(BH, n, Gq * C, C)
     d = None if d is None else d.view(BH, n, *d.shape[1:])
     outs = []
     per_chunk = zip(W.unbind(1), U.unbind(1), A_qk.unbind(1), qd.unbind(1), kdT.unbind(1),
@@ -262,14 +276,15 @@ def _delta_group(qc, kc, vc, bc, G, S):
 
 
 def chunk_delta(q, k, v, beta, scale: float, g=None, initial_state=None, chunk_size: int = 64):
-    """Delta-rule family. q, k `(B, H, N, K)`, v `(B, H, N, V)`, beta `(B, H, N)`, g None (DeltaNet)
-    | `(B, H, N)` (Gated DeltaNet) | `(B, H, N, K)` (KDA). Returns `(o, S_N)`.
+    """Delta-rule family. q `(B, H, Gq, N, K)` (Gq query heads per key head), k `(B, H, N, K)`,
+    v `(B, H, N, V)`, beta `(B, H, N)`, g None (DeltaNet) | `(B, H, N)` (Gated DeltaNet) |
+    `(B, H, N, K)` (KDA). Returns `(o (B, H, Gq, N, V), S_N)`.
 
     Chunks are processed in groups of about GROUP_TOKENS tokens: per group, the decayed grams and the
     UT transform of all its chunks (batched matmuls), then the state passing through them."""
-    (B, H, N, K, V, C), qc, kc, vc, G, S, (bc,) = _prepare(
+    (B, H, Gq, N, K, V, C), qc, kc, vc, G, S, (bc,) = _prepare(
         q, k, v, scale, g, initial_state, chunk_size, extra=(beta,))
-    NC = qc.shape[2]
+    NC = kc.shape[2]
 
     def flat(x):
         return None if x is None else x.reshape(B * H, NC, *x.shape[3:])
@@ -284,5 +299,5 @@ def chunk_delta(q, k, v, beta, scale: float, g=None, initial_state=None, chunk_s
     for qg, kg, vg, bg, Gg in groups:
         o, S = _delta_group(qg, kg, vg, bg, Gg, S)
         outs += o
-    o = torch.stack(outs, 1)
-    return o.reshape(B, H, NC * C, V)[:, :, :N], S.reshape(B, H, K, V)
+    o = torch.stack(outs, 1).view(B, H, NC, Gq * C, V)
+    return _unchunk(o, B, H, Gq, C, N), S.reshape(B, H, K, V)

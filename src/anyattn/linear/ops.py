@@ -11,6 +11,8 @@ computes, per head, the recurrence of `anyattn.linear.recurrent`:
 `mode="recurrent"` the token-by-token loop. `output_final_state=True` returns `(o, S_N)`.
 `*_step` functions advance one token for decoding: `q_t (B, H, D_k)` -> `(o_t (B, H, D_v), state)`.
 `g` and `beta` may be in any floating dtype (gates are often kept in fp32); q, k, v share one.
+Grouped-query heads: q (and q_t) may have `H_q = G * H` heads for the H heads of k and v; gates, beta,
+slopes and the state have the H key/value heads, and query head h reads the state of head `h // G`.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ def _check_float(name, x, ref):
 
 
 def _check_qkv(q, k, v, step: bool = False):
+    """q `(B, H_q, N, D_k)`, k `(B, H, N, D_k)`, v `(B, H, N, D_v)` with H dividing H_q (grouped-query:
+    every H_q / H query heads read one state); `step`: the same without N."""
     nd = 3 if step else 4
     names = ("q_t", "k_t", "v_t") if step else ("q", "k", "v")
     dims = "(B, H, D_k)" if step else "(B, H, N, D_k)"
@@ -52,11 +56,16 @@ def _check_qkv(q, k, v, step: bool = False):
             raise ValueError(f"{name} must be on {names[0]}'s device {q.device}, got {x.device}")
         if x.dtype != q.dtype:
             raise ValueError(f"{name} must have {names[0]}'s dtype {q.dtype}, got {x.dtype}")
-    if tuple(k.shape) != tuple(q.shape):
-        raise ValueError(f"{names[1]} must have {names[0]}'s shape {dims} = {tuple(q.shape)}, got {tuple(k.shape)}")
-    if tuple(v.shape[:-1]) != tuple(q.shape[:-1]):
+    same = [i for i in range(nd) if i != 1]
+    if any(k.shape[i] != q.shape[i] for i in same):
+        raise ValueError(f"{names[1]} must have {names[0]}'s shape {dims} = {tuple(q.shape)} (or fewer heads H "
+                         f"dividing {names[0]}'s), got {tuple(k.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"{names[1]} must have a number of heads dividing {names[0]}'s H_q = {q.shape[1]} "
+                         f"(grouped-query), got {k.shape[1]}")
+    if tuple(v.shape[:-1]) != tuple(k.shape[:-1]):
         lead = "(B, H)" if step else "(B, H, N)"
-        raise ValueError(f"{names[2]} must have shape {lead[:-1]}, D_v) with {lead} = {tuple(q.shape[:-1])}, "
+        raise ValueError(f"{names[2]} must have shape {lead[:-1]}, D_v) with {lead} = {tuple(k.shape[:-1])}, "
                          f"got {tuple(v.shape)}")
     if any(s == 0 for s in q.shape) or v.shape[-1] == 0:
         raise ValueError(f"{names[0]}, {names[1]}, {names[2]} must be non-empty, got {names[0]} {tuple(q.shape)}, "
@@ -70,13 +79,13 @@ def _check_shape(name, x, expected: tuple, desc: str, ref):
         raise ValueError(f"{name} must have shape {desc} = {tuple(expected)}, got {tuple(x.shape)}")
 
 
-def _check_common(q, v, scale, initial_state, mode, chunk_size, output_final_state, state_dims=None):
+def _check_common(q, k, v, scale, initial_state, mode, chunk_size, output_final_state, state_dims=None):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
     check_positive_int("chunk_size", chunk_size)
     if not isinstance(output_final_state, bool):
         raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
-    B, H, _, K = q.shape
+    B, H, _, K = k.shape
     scale = check_scale(scale, K)
     if initial_state is not None:
         Kf, Vf = state_dims or (K, v.shape[-1])
@@ -88,16 +97,17 @@ def _state0(initial_state, dt):
     return None if initial_state is None else initial_state.to(dt)
 
 
-def _check_g(name, g, q, kind, step=False):
-    """kind: "scalar" (B, H, N), "vector" (B, H, N, D_k), "head" (H,) or (B, H, N)."""
+def _check_g(name, g, ref, kind, step=False):
+    """kind: "scalar" (B, H, N), "vector" (B, H, N, D_k), "head" (H,) or (B, H, N), with B, H, N, D_k
+    those of `ref` (k, or k_t for a step: gates and states belong to the key/value heads)."""
     if step:
-        B, H, K = q.shape
+        B, H, K = ref.shape
         shapes = {"scalar": ((B, H), "(B, H)"), "vector": ((B, H, K), "(B, H, D_k)")}
     else:
-        B, H, N, K = q.shape
+        B, H, N, K = ref.shape
         shapes = {"scalar": ((B, H, N), "(B, H, N)"), "vector": ((B, H, N, K), "(B, H, N, D_k)")}
     check_tensor(name, g)
-    _check_float(name, g, q)
+    _check_float(name, g, ref)
     if kind == "head":
         full, desc = shapes["scalar"]
         if tuple(g.shape) == (H,):
@@ -111,11 +121,17 @@ def _check_g(name, g, q, kind, step=False):
     return g
 
 
+def _query_groups(q, H):
+    """`(B, H_q, N, D)` -> `(B, H, H_q / H, N, D)`: the query heads reading each of the H states."""
+    return q.reshape(q.shape[0], H, q.shape[1] // H, *q.shape[2:])
+
+
 def _run(q, k, v, *, g=None, beta=None, delta=False, scale=None, initial_state=None,
          output_final_state=False, mode="chunk", chunk_size=64):
     dt = _compute_dtype(q)
     out_dtype = q.dtype
-    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    B, Hq, N, _ = q.shape
+    q, k, v = _query_groups(q.to(dt), k.shape[1]), k.to(dt), v.to(dt)
     g = None if g is None else g.to(dt)
     beta = None if beta is None else beta.to(dt)
     S0 = _state0(initial_state, dt)
@@ -125,35 +141,33 @@ def _run(q, k, v, *, g=None, beta=None, delta=False, scale=None, initial_state=N
         o, S = _chunk.chunk_delta(q, k, v, beta, scale, g, S0, chunk_size)
     else:
         o, S = _chunk.chunk_decay_attention(q, k, v, scale, g, S0, chunk_size)
-    o = o.to(out_dtype)
+    o = o.reshape(B, Hq, N, -1).to(out_dtype)
     return (o, S) if output_final_state else o
 
 
 def _step(q_t, k_t, v_t, state, scale, g=None, beta=None):
     dt = _compute_dtype(q_t)
-    B, H, K = q_t.shape
+    B, H, K = k_t.shape
     V = v_t.shape[-1]
     if state is None:
-        S = q_t.new_zeros(B, H, K, V, dtype=dt)
+        S = k_t.new_zeros(B, H, K, V, dtype=dt)
     else:
         _check_shape("state", state, (B, H, K, V), "(B, H, D_k, D_v)", q_t)
         S = state.to(dt)
-    o, S = _rec.step(q_t.to(dt), k_t.to(dt), v_t.to(dt), S, scale,
+    o, S = _rec.step(_query_groups(q_t.to(dt), H), k_t.to(dt), v_t.to(dt), S, scale,
                      None if g is None else g.to(dt), None if beta is None else beta.to(dt))
-    return o.to(q_t.dtype), S
+    return o.reshape(q_t.shape[:-1] + (V,)).to(q_t.dtype), S
 
-
-# -------------------------------------------------------------------------------- linear attention
 
 def _features(q, k, feature_map, feature_options, offset):
     fmap = resolve_feature_map(feature_map, q.shape[-1], feature_options)
     if fmap is None:
         return q, k
     fq, fk = fmap.map_qk(q, k, offset)
-    for name, f in (("feature_map(q)", fq), ("feature_map(k)", fk)):
-        if not isinstance(f, torch.Tensor) or tuple(f.shape[:-1]) != tuple(q.shape[:-1]):
+    for name, f, x in (("feature_map(q)", fq, q), ("feature_map(k)", fk, k)):
+        if not isinstance(f, torch.Tensor) or tuple(f.shape[:-1]) != tuple(x.shape[:-1]):
             shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
-            raise ValueError(f"{name} must return shape {tuple(q.shape[:-1]) + ('F',)}, got {shape}")
+            raise ValueError(f"{name} must return shape {tuple(x.shape[:-1]) + ('F',)}, got {shape}")
     if fq.shape[-1] != fk.shape[-1]:
         raise ValueError(f"feature_map must give q and k the same feature dim, got {fq.shape[-1]} and {fk.shape[-1]}")
     return fq, fk
@@ -185,18 +199,20 @@ def linear_attention(q, k, v, feature_map="elu1", normalize: bool = False, causa
     vv = v.to(dt)
     if normalize:
         vv = torch.cat([vv, vv.new_ones(*vv.shape[:-1], 1)], -1)
-    scale = _check_common(q, v, scale, initial_state, mode, chunk_size, output_final_state,
+    scale = _check_common(q, k, v, scale, initial_state, mode, chunk_size, output_final_state,
                           (fq.shape[-1], vv.shape[-1]))
     S0 = _state0(initial_state, dt)
+    fqg = _query_groups(fq, k.shape[1])
     if not causal:
         S = fk.transpose(-1, -2) @ vv
         if S0 is not None:
             S = S + S0
-        o = scale * (fq @ S)
+        o = scale * (fqg @ S[:, :, None])
     elif mode == "recurrent":
-        o, S = _rec.recurrent(fq, fk, vv, scale, None, None, S0)
+        o, S = _rec.recurrent(fqg, fk, vv, scale, None, None, S0)
     else:
-        o, S = _chunk.chunk_decay_attention(fq, fk, vv, scale, None, S0, chunk_size)
+        o, S = _chunk.chunk_decay_attention(fqg, fk, vv, scale, None, S0, chunk_size)
+    o = o.reshape(*q.shape[:-1], vv.shape[-1])
     if normalize:
         o = o[..., :-1] / (o[..., -1:] + eps)
     o = o.to(q.dtype)
@@ -231,8 +247,8 @@ def retention(q, k, v, g, *, scale=None, initial_state=None, output_final_state:
     q, k `(B, H, N, D_k)`, v `(B, H, N, D_v)`, g <= 0 of shape `(H,)` (constant per head, RetNet's
     `log(gamma_h)`) or `(B, H, N)` (per token)."""
     _check_qkv(q, k, v)
-    g = _check_g("g", g, q, "head")
-    scale = _check_common(q, v, scale, initial_state, mode, chunk_size, output_final_state)
+    g = _check_g("g", g, k, "head")
+    scale = _check_common(q, k, v, scale, initial_state, mode, chunk_size, output_final_state)
     return _run(q, k, v, g=g, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, mode=mode, chunk_size=chunk_size)
 
@@ -240,7 +256,7 @@ def retention(q, k, v, g, *, scale=None, initial_state=None, output_final_state:
 def retention_step(q_t, k_t, v_t, g, state=None, *, scale=None):
     """One token of `retention`; g `(H,)` or `(B, H)`. Returns `(o_t (B, H, D_v), state)`."""
     _check_qkv(q_t, k_t, v_t, step=True)
-    g = _check_g("g", g, q_t, "head", step=True)
+    g = _check_g("g", g, k_t, "head", step=True)
     return _step(q_t, k_t, v_t, state, check_scale(scale, q_t.shape[-1]), g=g)
 
 
@@ -261,13 +277,13 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(s, dtype=torch.float32)
 
 
-def _lightning_g(q, slopes, step=False):
-    H = q.shape[1]
+def _lightning_g(k, slopes, step=False):
+    H = k.shape[1]
     if slopes is None:
-        slopes = alibi_slopes(H).to(q.device)
+        slopes = alibi_slopes(H).to(k.device)
     else:
         check_tensor("slopes", slopes, 1)
-        _check_float("slopes", slopes, q)
+        _check_float("slopes", slopes, k)
         if slopes.shape[0] != H:
             raise ValueError(f"slopes must have shape (H,) = ({H},), got {tuple(slopes.shape)}")
     return -slopes
@@ -280,8 +296,8 @@ def lightning(q, k, v, slopes=None, *, scale=None, initial_state=None, output_fi
     `[(Q K^T) ⊙ M] V` with `M_ab = lambda^(a-b)`, inter-block through the state). slopes `(H,)`,
     positive; default: ALiBi slopes. Same function as `retention(q, k, v, g=-slopes)`."""
     _check_qkv(q, k, v)
-    g = _check_g("g", _lightning_g(q, slopes), q, "head")
-    scale = _check_common(q, v, scale, initial_state, mode, chunk_size, output_final_state)
+    g = _check_g("g", _lightning_g(k, slopes), k, "head")
+    scale = _check_common(q, k, v, scale, initial_state, mode, chunk_size, output_final_state)
     return _run(q, k, v, g=g, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, mode=mode, chunk_size=chunk_size)
 
@@ -289,7 +305,7 @@ def lightning(q, k, v, slopes=None, *, scale=None, initial_state=None, output_fi
 def lightning_step(q_t, k_t, v_t, state=None, slopes=None, *, scale=None):
     """One token of `lightning`. Returns `(o_t, state)`."""
     _check_qkv(q_t, k_t, v_t, step=True)
-    g = _check_g("g", _lightning_g(q_t, slopes, step=True), q_t, "head", step=True)
+    g = _check_g("g", _lightning_g(k_t, slopes, step=True), k_t, "head", step=True)
     return _step(q_t, k_t, v_t, state, check_scale(scale, q_t.shape[-1]), g=g)
 
 
@@ -300,8 +316,8 @@ def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state: bool 
     """Gated Linear Attention (Yang et al., 2024): `S_t = Diag(exp(g_t)) S_{t-1} + k_t v_t^T`,
     `o_t = scale * S_t^T q_t`. g <= 0 of shape `(B, H, N, D_k)` (per key channel log-decay)."""
     _check_qkv(q, k, v)
-    g = _check_g("g", g, q, "vector")
-    scale = _check_common(q, v, scale, initial_state, mode, chunk_size, output_final_state)
+    g = _check_g("g", g, k, "vector")
+    scale = _check_common(q, k, v, scale, initial_state, mode, chunk_size, output_final_state)
     return _run(q, k, v, g=g, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, mode=mode, chunk_size=chunk_size)
 
@@ -309,14 +325,14 @@ def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state: bool 
 def gla_step(q_t, k_t, v_t, g_t, state=None, *, scale=None):
     """One token of `gla`; g_t `(B, H, D_k)`. Returns `(o_t, state)`."""
     _check_qkv(q_t, k_t, v_t, step=True)
-    g_t = _check_g("g_t", g_t, q_t, "vector", step=True)
+    g_t = _check_g("g_t", g_t, k_t, "vector", step=True)
     return _step(q_t, k_t, v_t, state, check_scale(scale, q_t.shape[-1]), g=g_t)
 
 
 # ---------------------------------------------------------------------------------- delta family
 
-def _check_beta(name, beta, q, step=False):
-    return _check_g(name, beta, q, "scalar", step)
+def _check_beta(name, beta, ref, step=False):
+    return _check_g(name, beta, ref, "scalar", step)
 
 
 def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state: bool = False,
@@ -325,8 +341,8 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
     `S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T`, `o_t = scale * S_t^T q_t`.
     beta `(B, H, N)`. q and k are used as given (L2-normalize them beforehand for stability)."""
     _check_qkv(q, k, v)
-    beta = _check_beta("beta", beta, q)
-    scale = _check_common(q, v, scale, initial_state, mode, chunk_size, output_final_state)
+    beta = _check_beta("beta", beta, k)
+    scale = _check_common(q, k, v, scale, initial_state, mode, chunk_size, output_final_state)
     return _run(q, k, v, beta=beta, delta=True, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, mode=mode, chunk_size=chunk_size)
 
@@ -334,7 +350,7 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
 def delta_rule_step(q_t, k_t, v_t, beta_t, state=None, *, scale=None):
     """One token of `delta_rule`; beta_t `(B, H)`. Returns `(o_t, state)`."""
     _check_qkv(q_t, k_t, v_t, step=True)
-    beta_t = _check_beta("beta_t", beta_t, q_t, step=True)
+    beta_t = _check_beta("beta_t", beta_t, k_t, step=True)
     return _step(q_t, k_t, v_t, state, check_scale(scale, q_t.shape[-1]), beta=beta_t)
 
 
@@ -343,9 +359,9 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     """Gated DeltaNet (Yang et al., 2025): `S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T`,
     `o_t = scale * S_t^T q_t`. g <= 0 `(B, H, N)` (scalar log-decay per token), beta `(B, H, N)`."""
     _check_qkv(q, k, v)
-    g = _check_g("g", g, q, "scalar")
-    beta = _check_beta("beta", beta, q)
-    scale = _check_common(q, v, scale, initial_state, mode, chunk_size, output_final_state)
+    g = _check_g("g", g, k, "scalar")
+    beta = _check_beta("beta", beta, k)
+    scale = _check_common(q, k, v, scale, initial_state, mode, chunk_size, output_final_state)
     return _run(q, k, v, g=g, beta=beta, delta=True, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, mode=mode, chunk_size=chunk_size)
 
@@ -353,8 +369,8 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
 def gated_delta_rule_step(q_t, k_t, v_t, g_t, beta_t, state=None, *, scale=None):
     """One token of `gated_delta_rule`; g_t, beta_t `(B, H)`. Returns `(o_t, state)`."""
     _check_qkv(q_t, k_t, v_t, step=True)
-    g_t = _check_g("g_t", g_t, q_t, "scalar", step=True)
-    beta_t = _check_beta("beta_t", beta_t, q_t, step=True)
+    g_t = _check_g("g_t", g_t, k_t, "scalar", step=True)
+    beta_t = _check_beta("beta_t", beta_t, k_t, step=True)
     return _step(q_t, k_t, v_t, state, check_scale(scale, q_t.shape[-1]), g=g_t, beta=beta_t)
 
 
@@ -364,9 +380,9 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state:
     `S_t = (I - beta_t k_t k_t^T) Diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T`, `o_t = scale * S_t^T q_t`.
     g <= 0 `(B, H, N, D_k)` (per key channel log-decay), beta `(B, H, N)`."""
     _check_qkv(q, k, v)
-    g = _check_g("g", g, q, "vector")
-    beta = _check_beta("beta", beta, q)
-    scale = _check_common(q, v, scale, initial_state, mode, chunk_size, output_final_state)
+    g = _check_g("g", g, k, "vector")
+    beta = _check_beta("beta", beta, k)
+    scale = _check_common(q, k, v, scale, initial_state, mode, chunk_size, output_final_state)
     return _run(q, k, v, g=g, beta=beta, delta=True, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, mode=mode, chunk_size=chunk_size)
 
@@ -374,6 +390,6 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state:
 def kda_step(q_t, k_t, v_t, g_t, beta_t, state=None, *, scale=None):
     """One token of `kda`; g_t `(B, H, D_k)`, beta_t `(B, H)`. Returns `(o_t, state)`."""
     _check_qkv(q_t, k_t, v_t, step=True)
-    g_t = _check_g("g_t", g_t, q_t, "vector", step=True)
-    beta_t = _check_beta("beta_t", beta_t, q_t, step=True)
+    g_t = _check_g("g_t", g_t, k_t, "vector", step=True)
+    beta_t = _check_beta("beta_t", beta_t, k_t, step=True)
     return _step(q_t, k_t, v_t, state, check_scale(scale, q_t.shape[-1]), g=g_t, beta=beta_t)
