@@ -22,15 +22,13 @@ Shapes: q `(B, H, N_q, D)`, k `(B, H_kv, N_k, D)`, v `(B, H_kv, N_k, D_v)` -> `(
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..lse import NEG_INF
 from ..masks import Causal
 from ..registry import Method, Request, register
 from ._common import SEED_DOC, expand_kv, finish, key_lengths, positive_int, screen
-from .performer import favor_features, projection
+from .performer import favor_qk, projection
 
 DEFAULT_NUM_FEATURES = 64
 CHUNK_ELEMENTS = 1 << 25  # auto feature_chunk: at most this many elements per FFT pass
@@ -78,12 +76,7 @@ def kernel_rpe_attention(q, k, v, scale: float, w: torch.Tensor, rpe: torch.Tens
     N_k, D_v = k.shape[2], v.shape[-1]
     m = w.shape[0]
     L = N_q + N_k - 1
-    r = math.sqrt(scale)
-    fq, sq = favor_features(q * r, w, per_row=True)
-    fk, sk = favor_features(k * r, w, per_row=False)
-    if lengths is not None:
-        keep = torch.arange(N_k, device=k.device).view(1, -1) < lengths.view(-1, 1)
-        fk = fk * keep.view(B, 1, N_k, 1).to(fk.dtype)
+    fq, sq, fk, sk = favor_qk(q, k, scale, w, lengths)
     b = torch.zeros(1, L, dtype=q.dtype, device=q.device) if rpe is None else rpe.to(q.dtype)
     if causal_offset is not None:
         t = torch.arange(L, device=q.device)

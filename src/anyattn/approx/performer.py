@@ -59,6 +59,20 @@ def favor_features(x: torch.Tensor, w: torch.Tensor, per_row: bool) -> tuple[tor
     return phi, shift - 0.5 * math.log(w.shape[0])
 
 
+def favor_qk(q, k, scale: float, w: torch.Tensor, lengths: torch.Tensor | None = None):
+    """Stabilized FAVOR+ features of q (per-row shift) and k (per-head shift) for softmax with
+    `scale`, key padding applied (features of keys at or past `lengths[b]` are zero).
+    Returns `(fq, sq, fk, sk)` as `favor_features`."""
+    r = math.sqrt(scale)
+    fq, sq = favor_features(q * r, w, per_row=True)
+    fk, sk = favor_features(k * r, w, per_row=False)
+    if lengths is not None:
+        B, N_k = k.shape[0], k.shape[2]
+        keep = torch.arange(N_k, device=k.device).view(1, -1) < lengths.view(-1, 1)
+        fk = fk * keep.view(B, 1, N_k, 1).to(fk.dtype)
+    return fq, sq, fk, sk
+
+
 def _noncausal(fq, fk, vv):
     kv = fk.transpose(-1, -2) @ vv  # (B, H, m, D_v + 1)
     return fq @ kv
@@ -103,13 +117,7 @@ def performer_attention(q, k, v, scale: float, w: torch.Tensor, *, causal_offset
     causal_offset: query i sees keys `j <= i + offset` (None: non-causal); lengths `(B,)`: key padding.
     Returns `(out (B, H, N_q, D_v), lse (B, H, N_q))`, the LSE approximate."""
     B, H, N_q, _ = q.shape
-    N_k = k.shape[2]
-    r = math.sqrt(scale)
-    fq, sq = favor_features(q * r, w, per_row=True)
-    fk, sk = favor_features(k * r, w, per_row=False)
-    if lengths is not None:
-        keep = torch.arange(N_k, device=k.device).view(1, -1) < lengths.view(-1, 1)
-        fk = fk * keep.view(B, 1, N_k, 1).to(fk.dtype)
+    fq, sq, fk, sk = favor_qk(q, k, scale, w, lengths)
     vv = torch.cat([v, torch.ones_like(v[..., :1])], -1)
     if causal_offset is None:
         num = _noncausal(fq, fk, vv)
