@@ -10,8 +10,9 @@ Per workload and N (B=1, H=8, D=64; N in {4096, 16384}, quick: {256}):
   replaces), and flash-linear-attention's pure-PyTorch references `fla_naive_chunk` /
   `fla_naive_recurrent` when fla-core is installed (else listed in `missing` with the reason). The
   error column is taken against `fla_naive_chunk` (or `fla_naive_recurrent`) when present.
-* a decoding case: one `*_step` with a state after N tokens of context, against SDPA of one query
-  over a KV cache of N tokens (`sdpa`, baseline). The step costs the same at every N.
+* a decoding case at N in {1024, 32768} (quick: 256): one `*_step` with a state after N tokens of
+  context, against SDPA of one query over a KV cache of N tokens (`sdpa`, baseline). The step costs the
+  same at every N.
 
 FLOPs (useful work of the chunk algorithm, chunk C = 64, per (batch, head), K = D_k, V = D_v;
 a (m,k)x(k,n) matmul counts 2mkn):
@@ -33,6 +34,7 @@ from ..case import Case
 B, H, D = 1, 8, 64
 C = 64
 SIZES = (4096, 16384)
+DECODE_SIZES = (1024, 32768)   # the step's cost must not grow with the context
 QUICK_SIZES = (256,)
 # fla's references loop in Python over tokens (naive_recurrent_*) or over chunks and the rows of a
 # chunk (naive_chunk_*; naive_chunk_kda also over the tokens of each chunk). Measured on the 2-core
@@ -204,8 +206,8 @@ def _decode_case(kind, N):
 
 def _cases_fn(kind):
     def cases(quick: bool) -> list[Case]:
-        sizes = QUICK_SIZES if quick else SIZES
-        return [_train_case(kind, N) for N in sizes] + [_decode_case(kind, N) for N in sizes]
+        sizes, decode_sizes = (QUICK_SIZES, QUICK_SIZES) if quick else (SIZES, DECODE_SIZES)
+        return [_train_case(kind, N) for N in sizes] + [_decode_case(kind, N) for N in decode_sizes]
     cases.__doc__ = f"Cases of the {kind!r} linear-family workload."
     return cases
 
