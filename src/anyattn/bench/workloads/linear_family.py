@@ -43,6 +43,9 @@ QUICK_SIZES = (256,)
 # Those above 30 s are skipped at N=16384 with that reason.
 FLA_RECURRENT_MAX_N = 4096
 FLA_CHUNK_MAX_N = {"kda": 4096, "gdn": 16384, "retention": 16384, "linear": 16384, "gla": 0}
+# fla_naive_chunk forward+backward is timed up to this N (backward at N=4096: 0.05-0.5 s, kda 4.7 s;
+# at N=16384 gdn 7 s, retention 3 s); fla_naive_recurrent is timed forward only.
+FLA_CHUNK_BWD_MAX_N = 4096
 
 
 def _decay_flops(N, K=D, V=D):
@@ -163,7 +166,12 @@ def _train_case(kind, N):
     exact = "fla_naive_chunk" if "fla_naive_chunk" in peers else (
         "fla_naive_recurrent" if "fla_naive_recurrent" in peers else None)
     flops = _delta_flops(N) if kind in ("gdn", "kda") else _decay_flops(N)
-    forward_only = {n: "fla's naive references are timed forward only here" for n in peers}
+    forward_only = {}
+    if "fla_naive_recurrent" in peers:
+        forward_only["fla_naive_recurrent"] = ("its backward runs through N Python token steps: 7-13 s at N=4096 "
+                                               "on the 2-core CPU")
+    if "fla_naive_chunk" in peers and N > FLA_CHUNK_BWD_MAX_N:
+        forward_only["fla_naive_chunk"] = f"its backward takes 3-7 s at N={N} on the 2-core CPU"
     return Case(workload=kind, label=f"N={N} causal", params=dict(B=B, H=H, N=N, D=D, chunk_size=C),
                 flops=flops, make_inputs=lambda rg, _k=kind, _n=N: _inputs(_k, _n, rg),
                 contenders=contenders, baseline="sdpa", exact=exact, backward=True,
