@@ -10,9 +10,9 @@ Per workload and N (B=1, H=8, D=64; N in {4096, 16384}, quick: {256}):
   replaces), and flash-linear-attention's pure-PyTorch references `fla_naive_chunk` /
   `fla_naive_recurrent` when fla-core is installed (else listed in `missing` with the reason). The
   error column is taken against `fla_naive_chunk` (or `fla_naive_recurrent`) when present.
-* a decoding case at N in {1024, 32768} (quick: 256): one `*_step` with a state after N tokens of
-  context, against SDPA of one query over a KV cache of N tokens (`sdpa`, baseline). The step costs the
-  same at every N.
+* a decoding case at N in {1024, 32768} (quick: 256): DECODE_STEPS = 8 consecutive `*_step` calls
+  (the state carried along), against 8 one-query SDPA calls over a KV cache of N tokens (`sdpa`,
+  baseline); time per token = time / 8. The step does the same work at every N.
 
 FLOPs (useful work of the chunk algorithm, chunk C = 64, per (batch, head), K = D_k, V = D_v;
 a (m,k)x(k,n) matmul counts 2mkn):
@@ -20,8 +20,8 @@ a (m,k)x(k,n) matmul counts 2mkn):
       state update `K^T V` and inter-chunk read `Q S`: 4 C K V.
   delta family (DeltaNet, Gated DeltaNet, KDA), per chunk: `Q K^T`, `K K^T`: 4 C^2 K;
       triangular solve for W, U: C^2 (K + V); `A_qk Ṽ`: 2 C^2 V; `W S`, `K^T Ṽ`, `Q S`: 6 C K V.
-  times N / C chunks, B and H. Decoding: 4 K V per head (decay) or 6 K V (delta) per step; the
-  SDPA decode case counts 4 N D per head.
+  times N / C chunks, B and H. Decoding: 4 K V per head (decay) or 6 K V (delta) per step, times
+  the 8 steps (the SDPA contender is timed on the same case).
 """
 from __future__ import annotations
 
@@ -178,36 +178,60 @@ def _train_case(kind, N):
                 forward_only=forward_only, missing=missing, skip=skip)
 
 
+DECODE_STEPS = 8   # consecutive tokens per timed call, as in a decoding loop
+
+
 def _decode_inputs(kind, N, requires_grad):
     gen = torch.Generator().manual_seed(1)
-    i = _inputs(kind, 1, False, seed=2)
-    i = {n: (x[:, :, 0] if n != "g" or kind != "retention" else x) for n, x in i.items()}
+    i = _inputs(kind, DECODE_STEPS, False, seed=2)                   # per-token inputs (B, H, steps, ...)
     i["state"] = torch.randn(B, H, D, D, generator=gen) * 0.1
     i["k_cache"] = torch.randn(B, H, N, D, generator=gen)
     i["v_cache"] = torch.randn(B, H, N, D, generator=gen)
     return i
 
 
-def _step(kind):
+def _at(kind, i, t):
+    """Token t's inputs (retention's g is per head, the same at every step)."""
+    return {n: (x[:, :, t] if n in ("q", "k", "v", "beta") or (n == "g" and kind != "retention") else x)
+            for n, x in i.items() if n not in ("state", "k_cache", "v_cache")}
+
+
+def _one_step(kind):
     if kind == "gla":
-        return lambda i: L.gla_step(i["q"], i["k"], i["v"], i["g"], i["state"])[0]
+        return lambda x, S: L.gla_step(x["q"], x["k"], x["v"], x["g"], S)
     if kind == "gdn":
-        return lambda i: L.gated_delta_rule_step(i["q"], i["k"], i["v"], i["g"], i["beta"], i["state"])[0]
+        return lambda x, S: L.gated_delta_rule_step(x["q"], x["k"], x["v"], x["g"], x["beta"], S)
     if kind == "kda":
-        return lambda i: L.kda_step(i["q"], i["k"], i["v"], i["g"], i["beta"], i["state"])[0]
+        return lambda x, S: L.kda_step(x["q"], x["k"], x["v"], x["g"], x["beta"], S)
     if kind == "retention":
-        return lambda i: L.retention_step(i["q"], i["k"], i["v"], i["g"], i["state"])[0]
-    return lambda i: L.linear_attention_step(i["q"], i["k"], i["v"], i["state"], "elu1")[0]
+        return lambda x, S: L.retention_step(x["q"], x["k"], x["v"], x["g"], S)
+    return lambda x, S: L.linear_attention_step(x["q"], x["k"], x["v"], S, "elu1")
+
+
+def _step(kind):
+    """DECODE_STEPS consecutive `*_step` calls, the state carried from one to the next."""
+    one = _one_step(kind)
+
+    def run(i):
+        S, outs = i["state"], []
+        for t in range(DECODE_STEPS):
+            o, S = one(_at(kind, i, t), S)
+            outs.append(o)
+        return torch.stack(outs, 2)
+    return run
 
 
 def _sdpa_decode(i):
-    return F.scaled_dot_product_attention(i["q"][:, :, None], i["k_cache"], i["v_cache"])[:, :, 0]
+    """DECODE_STEPS one-query SDPA calls over the KV cache of N tokens (one per decoded token)."""
+    return torch.stack([F.scaled_dot_product_attention(i["q"][:, :, t:t + 1], i["k_cache"], i["v_cache"])[:, :, 0]
+                        for t in range(DECODE_STEPS)], 2)
 
 
 def _decode_case(kind, N):
     per_head = (6 if kind in ("gdn", "kda") else 4) * D * D
-    return Case(workload=kind, label=f"decode step, context N={N}", params=dict(B=B, H=H, N=N, D=D, decode=True),
-                flops=B * H * per_head, make_inputs=lambda rg, _k=kind, _n=N: _decode_inputs(_k, _n, rg),
+    return Case(workload=kind, label=f"decode {DECODE_STEPS} tokens, context N={N}",
+                params=dict(B=B, H=H, N=N, D=D, decode=True, steps=DECODE_STEPS),
+                flops=B * H * per_head * DECODE_STEPS, make_inputs=lambda rg, _k=kind, _n=N: _decode_inputs(_k, _n, rg),
                 contenders={"step": _step(kind), "sdpa": _sdpa_decode}, baseline="sdpa", exact=None,
                 backward=False)
 
