@@ -10,6 +10,9 @@ CONFIGS = [
     ("gated_deltanet", {}),
     ("kda", {}),
     ("kda", {"mode": "recurrent"}),
+    ("gla", {"num_kv_heads": 1}),
+    ("gated_deltanet", {"num_kv_heads": 1}),
+    ("kda", {"num_kv_heads": 1}),
 ]
 
 
@@ -60,11 +63,27 @@ def test_delta_layers_normalize_qk_and_shapes():
     assert KDALayer(32, 4).head_dim == 8 and GLALayer(32, 4).head_dim == 4
 
 
+@pytest.mark.parametrize("name", sorted(LINEAR_LAYERS))
+def test_grouped_kv_heads_shapes_and_modes(name):
+    torch.manual_seed(2)
+    layer = LINEAR_LAYERS[name](32, num_heads=4, head_dim=8, num_kv_heads=2, chunk_size=8).double()
+    assert layer.k_proj.out_features == 2 * 8 and layer.q_proj.out_features == 4 * 8
+    x = torch.randn(2, 13, 32, dtype=torch.float64)
+    y, st = layer(x, use_cache=True)
+    assert y.shape == x.shape and st["recurrent"].shape == (2, 2, 8, layer.head_v_dim)
+    layer.mode = "recurrent"
+    y_rec, st_rec = layer(x, use_cache=True)
+    torch.testing.assert_close(y_rec, y, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(st_rec["recurrent"], st["recurrent"], rtol=1e-9, atol=1e-9)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="mode must be one of"):
         KDALayer(16, 2, 8, mode="fused")
     with pytest.raises(ValueError, match="num_heads must be a positive int, got 0"):
         GLALayer(16, 0)
+    with pytest.raises(ValueError, match="num_kv_heads must be a positive int dividing num_heads=4, got 3"):
+        GatedDeltaNetLayer(32, 4, num_kv_heads=3)
     layer = KDALayer(16, 2, 8)
     with pytest.raises(ValueError, match=r"x must have shape \(B, T, hidden_size=16\), got \(2, 16\)"):
         layer(torch.randn(2, 16))

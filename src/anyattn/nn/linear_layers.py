@@ -102,29 +102,38 @@ def _default_head_dim(hidden_size, num_heads, head_dim, fraction):
 
 
 class _LinearMixerLayer(nn.Module):
-    """Shared plumbing: projections, short convolutions, state handling, output norm and gate."""
+    """Shared plumbing: projections, short convolutions, state handling, output norm and gate.
+    `num_kv_heads` (default num_heads, must divide it): grouped-query heads: keys, values, decay gates,
+    beta and the recurrent state `(B, num_kv_heads, D_k, D_v)` have num_kv_heads heads; queries, the
+    output norm and gate have num_heads."""
 
     delta = False
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, expand_v: float, mode: str,
                  use_short_conv: bool, conv_size: int, chunk_size: int, norm_eps: float,
-                 gate_activation: str):
+                 gate_activation: str, num_kv_heads: int | None = None):
         super().__init__()
         _check_layer_args(hidden_size, num_heads, head_dim, mode)
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1 \
+                or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads must be a positive int dividing num_heads={num_heads}, got {num_kv_heads!r}")
         head_v_dim = int(round(head_dim * expand_v))
         if not math.isclose(head_dim * expand_v, head_v_dim) or head_v_dim < 1:
             raise ValueError(f"head_dim * expand_v must be a positive integer, got {head_dim} * {expand_v}")
         self.hidden_size, self.num_heads, self.head_dim, self.head_v_dim = hidden_size, num_heads, head_dim, head_v_dim
-        self.key_dim, self.value_dim = num_heads * head_dim, num_heads * head_v_dim
+        self.num_kv_heads = num_kv_heads
+        self.key_dim, self.value_dim = num_heads * head_dim, num_heads * head_v_dim          # queries, output
+        self.kv_key_dim, self.kv_value_dim = num_kv_heads * head_dim, num_kv_heads * head_v_dim  # keys, values, gates
         self.mode, self.chunk_size = mode, chunk_size
         self.use_short_conv, self.conv_size = use_short_conv, conv_size
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.kv_key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.kv_value_dim, bias=False)
         if use_short_conv:
             self.q_conv = ShortConvolution(self.key_dim, conv_size)
-            self.k_conv = ShortConvolution(self.key_dim, conv_size)
-            self.v_conv = ShortConvolution(self.value_dim, conv_size)
+            self.k_conv = ShortConvolution(self.kv_key_dim, conv_size)
+            self.v_conv = ShortConvolution(self.kv_value_dim, conv_size)
         self.o_norm = GatedRMSNorm(head_v_dim, eps=norm_eps, activation=gate_activation)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
 
@@ -186,13 +195,13 @@ class GLALayer(_LinearMixerLayer):
     def __init__(self, hidden_size: int, num_heads: int = 4, head_dim: int | None = None, mode: str = "chunk", *,
                  expand_v: float = 1.0, use_short_conv: bool = False, conv_size: int = 4,
                  gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, chunk_size: int = 64,
-                 norm_eps: float = 1e-5):
+                 norm_eps: float = 1e-5, num_kv_heads: int | None = None):
         head_dim = _default_head_dim(hidden_size, num_heads, head_dim, 0.5)
         super().__init__(hidden_size, num_heads, head_dim, expand_v, mode, use_short_conv, conv_size,
-                         chunk_size, norm_eps, "swish")
+                         chunk_size, norm_eps, "swish", num_kv_heads)
         self.gate_logit_normalizer = gate_logit_normalizer
         self.gk_proj = nn.Sequential(nn.Linear(hidden_size, gate_low_rank_dim, bias=False),
-                                     nn.Linear(gate_low_rank_dim, self.key_dim, bias=True))
+                                     nn.Linear(gate_low_rank_dim, self.kv_key_dim, bias=True))
         self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
 
     def gates(self, x):
@@ -214,15 +223,17 @@ class GatedDeltaNetLayer(_LinearMixerLayer):
 
     def __init__(self, hidden_size: int, num_heads: int = 4, head_dim: int | None = None, mode: str = "chunk", *,
                  expand_v: float = 2.0, use_short_conv: bool = True, conv_size: int = 4,
-                 allow_neg_eigval: bool = False, chunk_size: int = 64, norm_eps: float = 1e-5):
+                 allow_neg_eigval: bool = False, chunk_size: int = 64, norm_eps: float = 1e-5,
+                 num_kv_heads: int | None = None):
         head_dim = _default_head_dim(hidden_size, num_heads, head_dim, 0.75)
         super().__init__(hidden_size, num_heads, head_dim, expand_v, mode, use_short_conv, conv_size,
-                         chunk_size, norm_eps, "swish")
+                         chunk_size, norm_eps, "swish", num_kv_heads)
         self.allow_neg_eigval = allow_neg_eigval
-        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(1, 16)))
-        dt = torch.exp(torch.rand(num_heads) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp_min(1e-4)
+        Hk = self.num_kv_heads
+        self.a_proj = nn.Linear(hidden_size, Hk, bias=False)
+        self.b_proj = nn.Linear(hidden_size, Hk, bias=False)
+        self.A_log = nn.Parameter(torch.log(torch.empty(Hk).uniform_(1, 16)))
+        dt = torch.exp(torch.rand(Hk) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp_min(1e-4)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))          # inverse softplus
         self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
 
@@ -248,23 +259,25 @@ class KDALayer(_LinearMixerLayer):
 
     def __init__(self, hidden_size: int, num_heads: int = 4, head_dim: int | None = None, mode: str = "chunk", *,
                  expand_v: float = 1.0, use_short_conv: bool = True, conv_size: int = 4,
-                 allow_neg_eigval: bool = False, chunk_size: int = 64, norm_eps: float = 1e-5):
+                 allow_neg_eigval: bool = False, chunk_size: int = 64, norm_eps: float = 1e-5,
+                 num_kv_heads: int | None = None):
         head_dim = _default_head_dim(hidden_size, num_heads, head_dim, 1.0)
         super().__init__(hidden_size, num_heads, head_dim, expand_v, mode, use_short_conv, conv_size,
-                         chunk_size, norm_eps, "sigmoid")
+                         chunk_size, norm_eps, "sigmoid", num_kv_heads)
         self.allow_neg_eigval = allow_neg_eigval
+        Hk = self.num_kv_heads
         self.f_proj = nn.Sequential(nn.Linear(hidden_size, self.head_v_dim, bias=False),
-                                    nn.Linear(self.head_v_dim, self.key_dim, bias=False))
-        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(1, 16)))
-        self.dt_bias = nn.Parameter(torch.zeros(self.key_dim))
+                                    nn.Linear(self.head_v_dim, self.kv_key_dim, bias=False))
+        self.b_proj = nn.Linear(hidden_size, Hk, bias=False)
+        self.A_log = nn.Parameter(torch.log(torch.empty(Hk).uniform_(1, 16)))
+        self.dt_bias = nn.Parameter(torch.zeros(self.kv_key_dim))
         self.g_proj = nn.Sequential(nn.Linear(hidden_size, self.head_v_dim, bias=False),
                                     nn.Linear(self.head_v_dim, self.value_dim, bias=True))
 
     def gates(self, x):
         f = _up(self.f_proj(x)) + self.dt_bias
         B, T, _ = f.shape
-        g = -_up(self.A_log).exp()[:, None] * F.softplus(f).reshape(B, T, self.num_heads, self.head_dim)
+        g = -_up(self.A_log).exp()[:, None] * F.softplus(f).reshape(B, T, self.num_kv_heads, self.head_dim)
         beta = torch.sigmoid(_up(self.b_proj(x)))
         if self.allow_neg_eigval:
             beta = beta * 2.0
