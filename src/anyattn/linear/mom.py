@@ -1,0 +1,162 @@
+"""Mixture-of-Memories (Du et al., 2025, "MoM: Linear Sequence Modeling with Mixture-of-Memories").
+
+Each head has M memories, each a Gated DeltaNet state with its own keys, values, log-decays and
+betas; the query is shared. A router gives every token a weight per memory (a top-k router: nonzero
+for the k chosen memories, zero for the others). Memory m is updated only at the tokens routed to
+it (it neither decays nor learns at the others), and the output is the weighted sum of the reads:
+
+    S^m_t = exp(g^m_t) (I - beta^m_t k^m_t k^m_t^T) S^m_{t-1} + beta^m_t k^m_t v^m_t^T    if w_{t,m} != 0
+    S^m_t = S^m_{t-1}                                                                  if w_{t,m} == 0
+    o_t = sum_m w_{t,m} scale S^m_t^T q_t
+
+MoM's shared memory is one more memory whose weight is 1 at every token.
+
+`mode="chunk"` gathers the tokens routed to each memory into a compact sequence (one per batch,
+head and memory, padded at the end with tokens that change nothing: k = v = 0, g = beta = 0), runs
+the Gated DeltaNet chunk engine on all of them as the heads of one call, and scatter-adds the
+weighted reads back: it costs what the routed tokens cost (top-k of M: k / M of running every memory
+on every token). `mode="recurrent"` is the token loop above (the oracle).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..validate import check_positive_int, check_scale, check_tensor
+from . import recurrent as _rec
+from .ops import MODES, _check_float, _check_shape, _compute_dtype, _run
+
+
+def _check(q, k, v, g, beta, weights, step: bool):
+    """Shapes: q (B, H, [N,] K); k (B, H, M, [N,] K); v (B, H, M, [N,] V); g, beta (B, H, M[, N]);
+    weights (B, [N,] M) or (B, H, [N,] M). Returns weights expanded to (B, H, M[, N])."""
+    t = "_t" if step else ""
+    names = [n + t for n in ("q", "k", "v", "g", "beta", "w" if step else "weights")]
+    check_tensor(names[0], q, 3 if step else 4)
+    check_tensor(names[1], k, 4 if step else 5)
+    check_tensor(names[2], v, 4 if step else 5)
+    for name, x in zip(names[1:], (k, v, g, beta, weights)):
+        check_tensor(name, x)
+        _check_float(name, x, q)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{names[1]} and {names[2]} must have {names[0]}'s dtype {q.dtype}, got {k.dtype} and {v.dtype}")
+    B, H = q.shape[:2]
+    M = k.shape[2]
+    lead = (B, H, M) + (() if step else (q.shape[2],))
+    dims = "(B, H, M)" if step else "(B, H, M, N)"
+    if tuple(k.shape) != lead + (q.shape[-1],):
+        raise ValueError(f"{names[1]} must have shape {dims[:-1]}, D_k) = {lead + (q.shape[-1],)}, got {tuple(k.shape)}")
+    if tuple(v.shape[:-1]) != lead or v.shape[-1] == 0:
+        raise ValueError(f"{names[2]} must have shape {dims[:-1]}, D_v) with {dims} = {lead}, got {tuple(v.shape)}")
+    for name, x in zip(names[3:5], (g, beta)):
+        if tuple(x.shape) != lead:
+            raise ValueError(f"{name} must have shape {dims} = {lead}, got {tuple(x.shape)}")
+    per_token = () if step else (q.shape[2],)
+    shared, per_head = (B,) + per_token + (M,), (B, H) + per_token + (M,)
+    if tuple(weights.shape) == shared:
+        weights = weights.unsqueeze(1)
+    elif tuple(weights.shape) != per_head:
+        wd, wh = ("(B, M)", "(B, H, M)") if step else ("(B, N, M)", "(B, H, N, M)")
+        raise ValueError(f"{names[5]} must have shape {wd} = {shared} or {wh} = {per_head}, got {tuple(weights.shape)}")
+    return weights.movedim(-1, 2).expand(lead)
+
+
+def _recurrent(q, k, v, g, beta, w, scale, S):
+    """The token loop (oracle). q (B, H, N, K); k (B, H, M, N, K); v (B, H, M, N, V); g, beta, w
+    (B, H, M, N); S (B, H, M, K, V). Returns (o (B, H, N, V), S)."""
+    B, H, M, N, K = k.shape
+    outs = []
+    for t in range(N):
+        o, S = _step(q[:, :, t], k[:, :, :, t], v[:, :, :, t], g[..., t], beta[..., t], w[..., t], scale, S)
+        outs.append(o)
+    return torch.stack(outs, 2), S
+
+
+def _step(q, k, v, g, beta, w, scale, S):
+    """One token: q (B, H, K), k (B, H, M, K), v (B, H, M, V), g, beta, w (B, H, M), S (B, H, M, K, V)."""
+    B, H, M, K = k.shape
+    V = v.shape[-1]
+    o, S_new = _rec.step(q[:, :, None, None].expand(B, H, M, 1, K).reshape(B, H * M, 1, K), k.reshape(B, H * M, K),
+                         v.reshape(B, H * M, V), S.reshape(B, H * M, K, V), scale, g.reshape(B, H * M),
+                         beta.reshape(B, H * M))
+    routed = w != 0
+    S = torch.where(routed[..., None, None], S_new.view(B, H, M, K, V), S)
+    read = torch.where(routed[..., None], o.view(B, H, M, V), 0.0)   # memories not routed are not read
+    return (w[..., None] * read).sum(2), S
+
+
+def _gather_tokens(x, order):
+    """x (B, H, M, N, ...) -> (B, H, M, L, ...) at the positions `order` (B, H, M, L)."""
+    idx = order.view(*order.shape, *([1] * (x.dim() - 4))).expand(*order.shape, *x.shape[4:])
+    return x.gather(3, idx)
+
+
+def _chunk(q, k, v, g, beta, w, scale, S0, chunk_size):
+    B, H, M, N, K = k.shape
+    V = v.shape[-1]
+    routed = w != 0
+    L = int(routed.sum(-1).max()) if routed.numel() else 0
+    if L == 0:
+        return q.new_zeros(B, H, N, V), S0
+    # routed tokens first, in their order (stable sort), then the rest: the first L are each memory's tokens
+    order = torch.sort((~routed).to(torch.uint8), dim=-1, stable=True).indices[..., :L]   # (B, H, M, L)
+    keep = routed.gather(-1, order).to(k.dtype)
+    qc = _gather_tokens(q[:, :, None].expand(B, H, M, N, K), order)
+    kc, vc = _gather_tokens(k, order) * keep[..., None], _gather_tokens(v, order) * keep[..., None]
+    gc, bc = _gather_tokens(g, order) * keep, _gather_tokens(beta, order) * keep
+    wc = _gather_tokens(w, order) * keep                              # 0 (and no gradient) on the padding
+    o, S = _run(qc.reshape(B, H * M, L, K), kc.reshape(B, H * M, L, K), vc.reshape(B, H * M, L, V),
+                g=gc.reshape(B, H * M, L), beta=bc.reshape(B, H * M, L), delta=True, scale=scale,
+                initial_state=S0.reshape(B, H * M, K, V), output_final_state=True, mode="chunk",
+                chunk_size=chunk_size)
+    reads = (o.view(B, H, M, L, V) * wc[..., None]).reshape(B, H, M * L, V)
+    out = reads.new_zeros(B, H, N, V).scatter_add(2, order.reshape(B, H, M * L, 1).expand(B, H, M * L, V), reads)
+    return out, S.view(B, H, M, K, V)
+
+
+def mom(q, k, v, g, beta, weights, *, scale=None, initial_state=None, output_final_state: bool = False,
+        mode: str = "chunk", chunk_size: int = 64):
+    """Mixture-of-Memories with Gated DeltaNet memories (see the module docstring).
+
+    q `(B, H, N, D_k)` (shared by the memories); k `(B, H, M, N, D_k)`, v `(B, H, M, N, D_v)`,
+    g <= 0 and beta `(B, H, M, N)` (per memory); weights `(B, N, M)` (one router for all heads) or
+    `(B, H, N, M)`: memory m is routed token t where `weights[..., t, m] != 0`. initial_state
+    `(B, H, M, D_k, D_v)`. Returns `o (B, H, N, D_v)`, or `(o, S_N (B, H, M, D_k, D_v))` with
+    `output_final_state=True`. Gradients flow to every input and to the weights of the routed
+    memories (the routing choice itself, which weights are zero, is not differentiable)."""
+    w = _check(q, k, v, g, beta, weights, step=False)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    check_positive_int("chunk_size", chunk_size)
+    if not isinstance(output_final_state, bool):
+        raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
+    B, H, M, N, K = k.shape
+    V = v.shape[-1]
+    scale = check_scale(scale, K)
+    dt = _compute_dtype(q)
+    if initial_state is None:
+        S0 = q.new_zeros(B, H, M, K, V, dtype=dt)
+    else:
+        _check_shape("initial_state", initial_state, (B, H, M, K, V), "(B, H, M, D_k, D_v)", q)
+        S0 = initial_state.to(dt)
+    args = (q.to(dt), k.to(dt), v.to(dt), g.to(dt), beta.to(dt), w.to(dt), scale, S0)
+    o, S = _recurrent(*args) if mode == "recurrent" else _chunk(*args, chunk_size)
+    o = o.to(q.dtype)
+    return (o, S) if output_final_state else o
+
+
+def mom_step(q_t, k_t, v_t, g_t, beta_t, w_t, state=None, *, scale=None):
+    """One token of `mom`: q_t `(B, H, D_k)`, k_t `(B, H, M, D_k)`, v_t `(B, H, M, D_v)`, g_t, beta_t
+    `(B, H, M)`, w_t `(B, M)` or `(B, H, M)`, state `(B, H, M, D_k, D_v)` or None (zeros).
+    Returns `(o_t (B, H, D_v), state)`."""
+    w = _check(q_t, k_t, v_t, g_t, beta_t, w_t, step=True)
+    B, H, M, K = k_t.shape
+    V = v_t.shape[-1]
+    dt = _compute_dtype(q_t)
+    if state is None:
+        S = q_t.new_zeros(B, H, M, K, V, dtype=dt)
+    else:
+        _check_shape("state", state, (B, H, M, K, V), "(B, H, M, D_k, D_v)", q_t)
+        S = state.to(dt)
+    o, S = _step(q_t.to(dt), k_t.to(dt), v_t.to(dt), g_t.to(dt), beta_t.to(dt), w.to(dt),
+                 check_scale(scale, K), S)
+    return o.to(q_t.dtype), S
