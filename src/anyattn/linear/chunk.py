@@ -175,16 +175,17 @@ def _decay_factors(G, qc, kc):
 
 
 def _state_scan(S, d, dS):
-    """S_{n+1} = d_n ⊙ S_n + dS_n over chunks (dim 2). Returns (S_n for each chunk stacked, S_NC)."""
+    """S_{n+1} = d_n ⊙ S_n + dS_n over chunks (dim 1 of `(BH, n, K, V)`). Returns (S_n for each chunk
+    stacked, S after the last)."""
     if d is None:
-        cs = dS.cumsum(2)
-        prev = torch.cat([torch.zeros_like(cs[:, :, :1]), cs[:, :, :-1]], 2) + S[:, :, None]
-        return prev, cs[:, :, -1] + S
+        cs = dS.cumsum(1)
+        prev = torch.cat([torch.zeros_like(cs[:, :1]), cs[:, :-1]], 1) + S[:, None]
+        return prev, cs[:, -1] + S
     states = []
-    for d_n, dS_n in zip(d.unbind(2), dS.unbind(2)):
+    for d_n, dS_n in zip(d.unbind(1), dS.unbind(1)):
         states.append(S)
         S = torch.addcmul(dS_n, d_n, S)
-    return torch.stack(states, 2), S
+    return torch.stack(states, 1), S
 
 
 def _prepare(q, k, v, scale, g, initial_state, chunk_size, extra=()):
@@ -208,23 +209,48 @@ def _unchunk(o, B, H, Gq, C, N):
     return o.reshape(B, H, NC, Gq, C, V).transpose(2, 3).reshape(B, H, Gq, NC * C, V)[:, :, :, :N]
 
 
+# Tokens per group of chunks in `chunk_decay_attention` (its per-group work is lighter than the delta
+# engine's, so its groups are longer: fewer Python steps).
+DECAY_GROUP_TOKENS = 1024
+
+
+def _decay_group(qc, kc, vc, G, S):
+    """One group of n chunks: qc `(BH, n, Gq, C, K)`, kc `(BH, n, C, K)`, vc `(BH, n, C, V)`, G None |
+    `(BH, n, C)` | `(BH, n, C, K)`, S `(BH, K, V)`. Returns (o `(BH, n, Gq * C, V)`, S)."""
+    BH, n, Gq, C, K = qc.shape
+    Gb = None if G is None else G[:, :, None]                         # broadcast over the query heads
+    if G is None or G.dim() == 3:
+        A = gram_scalar(qc, kc[:, :, None], Gb)
+    else:
+        A = gram_vector(qc, kc[:, :, None], Gb)                       # (BH, n, Gq, C, C)
+    qd, kd, d = _decay_factors(G, qc, kc)
+    prev, S = _state_scan(S, d, kd.transpose(-1, -2) @ vc)            # states before each chunk
+    o = A.reshape(BH, n, Gq * C, C) @ vc + qd.reshape(BH, n, Gq * C, K) @ prev
+    return o, S
+
+
 def chunk_decay_attention(q, k, v, scale: float, g=None, initial_state=None, chunk_size: int = 64):
     """Causal linear attention with optional decay. q `(B, H, Gq, N, K)` (Gq query heads per key
     head), k `(B, H, N, K)`, v `(B, H, N, V)`, g None | `(B, H, N)` (scalar log-decay) |
     `(B, H, N, K)` (per channel), initial_state `(B, H, K, V)` or None.
-    Returns `(o (B, H, Gq, N, V), S_N (B, H, K, V))`."""
+    Returns `(o (B, H, Gq, N, V), S_N (B, H, K, V))`. Chunks go in groups of about
+    DECAY_GROUP_TOKENS tokens (small temporaries: at long N, big ones cost page faults and bandwidth)."""
     (B, H, Gq, N, K, V, C), qc, kc, vc, G, S, _ = _prepare(q, k, v, scale, g, initial_state, chunk_size)
-    Gb = None if G is None else G[:, :, :, None]                      # broadcast over the query heads
-    if G is None or G.dim() == 4:
-        A = gram_scalar(qc, kc[:, :, :, None], Gb)
-    else:
-        A = gram_vector(qc, kc[:, :, :, None], Gb)                    # (B, H, NC, Gq, C, C)
-    qd, kd, d = _decay_factors(G, qc, kc)
-    dS = kd.transpose(-1, -2) @ vc                                    # (B, H, NC, K, V)
-    prev, S = _state_scan(S, d, dS)
-    NC = qc.shape[2]
-    o = A.reshape(B, H, NC, Gq * C, C) @ vc + qd.reshape(B, H, NC, Gq * C, K) @ prev
-    return _unchunk(o, B, H, Gq, C, N), S
+    NC = kc.shape[2]
+
+    def flat(x):
+        return None if x is None else x.reshape(B * H, NC, *x.shape[3:])
+
+    qc, kc, vc, G = flat(qc), flat(kc), flat(vc), flat(G)
+    S = S.reshape(B * H, K, V)
+    n = max(1, DECAY_GROUP_TOKENS // C)
+    groups = zip(*(x.split(n, 1) for x in (qc, kc, vc)), G.split(n, 1) if G is not None else [None] * NC)
+    outs = []
+    for qg, kg, vg, Gg in groups:
+        o, S = _decay_group(qg, kg, vg, Gg, S)
+        outs.append(o)
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+    return _unchunk(o.view(B, H, NC, Gq * C, V), B, H, Gq, C, N), S.reshape(B, H, K, V)
 
 
 # Tokens per group of chunks in `chunk_delta`: every step of a group (grams, solve, state passing)
