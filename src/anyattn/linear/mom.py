@@ -11,11 +11,10 @@ it (it neither decays nor learns at the others), and the output is the weighted 
 
 MoM's shared memory is one more memory whose weight is 1 at every token.
 
-`mode="chunk"` gathers the tokens routed to each memory into a compact sequence (one per batch,
-head and memory, padded at the end with tokens that change nothing: k = v = 0, g = beta = 0), runs
-the Gated DeltaNet chunk engine on all of them as the heads of one call, and scatter-adds the
-weighted reads back: it costs what the routed tokens cost (top-k of M: k / M of running every memory
-on every token). `mode="recurrent"` is the token loop above (the oracle).
+`mode="chunk"` gathers, per memory, the tokens routed to it into a compact sequence (per batch and
+head; padded at the end to the longest with tokens that change nothing: k = v = 0, g = beta = 0),
+runs the Gated DeltaNet chunk engine on it, and scatter-adds the weighted reads back: it costs what
+the routed tokens cost (top-k of M routed memories: about k / M of running each on every token). `mode="recurrent"` is the token loop above (the oracle).
 """
 from __future__ import annotations
 
@@ -85,32 +84,36 @@ def _step(q, k, v, g, beta, w, scale, S):
 
 
 def _gather_tokens(x, order):
-    """x (B, H, M, N, ...) -> (B, H, M, L, ...) at the positions `order` (B, H, M, L)."""
-    idx = order.view(*order.shape, *([1] * (x.dim() - 4))).expand(*order.shape, *x.shape[4:])
-    return x.gather(3, idx)
+    """x (B, H, N, ...) -> (B, H, L, ...) at the positions `order` (B, H, L)."""
+    idx = order.view(*order.shape, *([1] * (x.dim() - 3))).expand(*order.shape, *x.shape[3:])
+    return x.gather(2, idx)
 
 
 def _chunk(q, k, v, g, beta, w, scale, S0, chunk_size):
+    """One chunk-engine call per memory, on the tokens routed to it (their count L_m: the most over
+    batch and heads; shorter sequences are padded at the end with tokens that change nothing)."""
     B, H, M, N, K = k.shape
     V = v.shape[-1]
     routed = w != 0
-    L = int(routed.sum(-1).max()) if routed.numel() else 0
-    if L == 0:
-        return q.new_zeros(B, H, N, V), S0
-    # routed tokens first, in their order (stable sort), then the rest: the first L are each memory's tokens
-    order = torch.sort((~routed).to(torch.uint8), dim=-1, stable=True).indices[..., :L]   # (B, H, M, L)
-    keep = routed.gather(-1, order).to(k.dtype)
-    qc = _gather_tokens(q[:, :, None].expand(B, H, M, N, K), order)
-    kc, vc = _gather_tokens(k, order) * keep[..., None], _gather_tokens(v, order) * keep[..., None]
-    gc, bc = _gather_tokens(g, order) * keep, _gather_tokens(beta, order) * keep
-    wc = _gather_tokens(w, order) * keep                              # 0 (and no gradient) on the padding
-    o, S = _run(qc.reshape(B, H * M, L, K), kc.reshape(B, H * M, L, K), vc.reshape(B, H * M, L, V),
-                g=gc.reshape(B, H * M, L), beta=bc.reshape(B, H * M, L), delta=True, scale=scale,
-                initial_state=S0.reshape(B, H * M, K, V), output_final_state=True, mode="chunk",
-                chunk_size=chunk_size)
-    reads = (o.view(B, H, M, L, V) * wc[..., None]).reshape(B, H, M * L, V)
-    out = reads.new_zeros(B, H, N, V).scatter_add(2, order.reshape(B, H, M * L, 1).expand(B, H, M * L, V), reads)
-    return out, S.view(B, H, M, K, V)
+    # routed tokens first, in their order (stable sort): the first L_m positions of memory m are its tokens
+    order = torch.sort((~routed).to(torch.uint8), dim=-1, stable=True).indices   # (B, H, M, N)
+    counts = routed.sum(-1).amax((0, 1)).tolist()                                  # L_m per memory
+    out = q.new_zeros(B, H, N, V)
+    states = []
+    for m, L in enumerate(counts):
+        if L == 0:
+            states.append(S0[:, :, m])
+            continue
+        idx = order[:, :, m, :L]
+        keep = routed[:, :, m].gather(-1, idx).to(k.dtype)
+        o, S = _run(_gather_tokens(q, idx), _gather_tokens(k[:, :, m], idx) * keep[..., None],
+                    _gather_tokens(v[:, :, m], idx) * keep[..., None], g=_gather_tokens(g[:, :, m], idx) * keep,
+                    beta=_gather_tokens(beta[:, :, m], idx) * keep, delta=True, scale=scale,
+                    initial_state=S0[:, :, m], output_final_state=True, mode="chunk", chunk_size=chunk_size)
+        weight = _gather_tokens(w[:, :, m], idx) * keep                # 0 (and no gradient) on the padding
+        out = out.scatter_add(2, idx[..., None].expand(B, H, L, V), o * weight[..., None])
+        states.append(S)
+    return out, torch.stack(states, 2)
 
 
 def mom(q, k, v, g, beta, weights, *, scale=None, initial_state=None, output_final_state: bool = False,

@@ -1,7 +1,12 @@
 """Benchmark workloads of the linear-attention / delta-rule family (`anyattn.linear`).
 
 One module, several workloads: `WORKLOADS = {"gla": ..., "gdn": ..., "kda": ..., "retention": ...,
-"linear": ...}`, each `cases(quick: bool) -> list[Case]`.
+"linear": ..., "mom": ...}`, each `cases(quick: bool) -> list[Case]`.
+
+`mom` (Mixture-of-Memories, 4 memories routed top-2 plus a shared memory, as published): `chunk`
+against `dense_all_memories` (Gated DeltaNet running all 5 memories on every token: the work routing
+saves; a different function, so no error column), the token loop `recurrent` (the exact column, up
+to N=4096) and causal SDPA (baseline).
 
 Per workload and N (B=1, H=8, D=64; N in {4096, 16384}, quick: {256}):
 
@@ -236,6 +241,59 @@ def _decode_case(kind, N):
                 backward=False)
 
 
+MOM_MEMORIES, MOM_TOP_K = 4, 2    # MoM's published setting: 4 memories, top-2, plus the shared memory
+
+
+def _mom_inputs(N, requires_grad):
+    """q (B, H, N, D); per memory (4 routed + 1 shared) k, v, g, beta; router weights (B, N, 5): top-2
+    softmax over the 4 routed memories, 1 for the shared one."""
+    gen = torch.Generator().manual_seed(3)
+    M = MOM_MEMORIES + 1
+    q = F.normalize(torch.randn(B, H, N, D, generator=gen), dim=-1)
+    k = F.normalize(torch.randn(B, H, M, N, D, generator=gen), dim=-1)
+    v = torch.randn(B, H, M, N, D, generator=gen)
+    g = F.logsigmoid(torch.randn(B, H, M, N, generator=gen) + 2.0)
+    beta = torch.rand(B, H, M, N, generator=gen)
+    top = torch.randn(B, N, MOM_MEMORIES, generator=gen).topk(MOM_TOP_K, dim=-1)
+    routed = torch.zeros(B, N, MOM_MEMORIES).scatter(-1, top.indices, top.values.softmax(-1))
+    out = dict(q=q, k=k, v=v, g=g, beta=beta, w=torch.cat([routed, torch.ones(B, N, 1)], -1))
+    if requires_grad:
+        for name in ("q", "k", "v", "g", "beta"):
+            out[name] = out[name].requires_grad_()
+    return out
+
+
+def _mom_case(N):
+    M = MOM_MEMORIES + 1
+
+    def mom(mode):
+        return lambda i: L.mom(i["q"], i["k"], i["v"], i["g"], i["beta"], i["w"], mode=mode)
+
+    def dense(i):   # every memory on every token: the work routing avoids (a different function)
+        return L.gated_delta_rule(i["q"].repeat_interleave(M, 1), i["k"].flatten(1, 2), i["v"].flatten(1, 2),
+                                  i["g"].flatten(1, 2), i["beta"].flatten(1, 2))
+
+    def sdpa(i):    # exact causal softmax attention on the first memory's keys and values
+        return F.scaled_dot_product_attention(i["q"], i["k"][:, :, 0], i["v"][:, :, 0], is_causal=True)
+
+    contenders = {"chunk": mom("chunk"), "dense_all_memories": dense, "sdpa": sdpa}
+    skip = {}
+    if N <= FLA_RECURRENT_MAX_N:
+        contenders["recurrent"] = mom("recurrent")
+    else:
+        skip["recurrent"] = f"the token loop takes > 30 s per forward at N={N} on a 2-core CPU"
+    return Case(workload="mom", label=f"N={N} causal, {MOM_MEMORIES} memories top-{MOM_TOP_K} + shared",
+                params=dict(B=B, H=H, N=N, D=D, memories=MOM_MEMORIES, top_k=MOM_TOP_K, shared=1, chunk_size=C),
+                flops=_delta_flops(N) * (MOM_TOP_K + 1), make_inputs=lambda rg, _n=N: _mom_inputs(_n, rg),
+                contenders=contenders, baseline="sdpa", exact="recurrent" if "recurrent" in contenders else None,
+                backward=True, forward_only={"recurrent": "the token loop's backward is slow"},
+                missing={"fla_mom": "fla's MoM is a Triton layer (fla.layers.MomAttention): no CPU path"}, skip=skip)
+
+
+def _mom_cases(quick: bool) -> list[Case]:
+    return [_mom_case(N) for N in (QUICK_SIZES if quick else SIZES)]
+
+
 def _cases_fn(kind):
     def cases(quick: bool) -> list[Case]:
         sizes, decode_sizes = (QUICK_SIZES, QUICK_SIZES) if quick else (SIZES, DECODE_SIZES)
@@ -245,10 +303,12 @@ def _cases_fn(kind):
 
 
 WORKLOADS = {kind: _cases_fn(kind) for kind in ("gla", "gdn", "kda", "retention", "linear")}
+WORKLOADS["mom"] = _mom_cases
 DESCRIPTIONS = {
     "gla": "Gated Linear Attention chunk forward vs causal SDPA and fla references; decode step",
     "gdn": "Gated DeltaNet chunk forward vs causal SDPA and fla references; decode step",
     "kda": "Kimi Delta Attention chunk forward vs causal SDPA and fla references; decode step",
     "retention": "Retention (scalar decay) chunk forward vs causal SDPA and fla references; decode step",
     "linear": "Linear attention (elu+1) chunk forward vs causal SDPA and fla references; decode step",
+    "mom": "Mixture-of-Memories (4 memories, top-2 + shared) chunk forward vs every memory on every token and SDPA",
 }
