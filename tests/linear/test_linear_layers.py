@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from anyattn.nn.linear_layers import LINEAR_LAYERS, GatedDeltaNetLayer, GLALayer, KDALayer
+from anyattn.nn.linear_layers import LINEAR_LAYERS, GatedDeltaNetLayer, GLALayer, KDALayer, MoMLayer
 
 CONFIGS = [
     ("gla", {}),
@@ -13,6 +13,8 @@ CONFIGS = [
     ("gla", {"num_kv_heads": 1}),
     ("gated_deltanet", {"num_kv_heads": 1}),
     ("kda", {"num_kv_heads": 1}),
+    ("mom", {}),
+    ("mom", {"shared_memory": False, "top_k": 1, "mode": "recurrent"}),
 ]
 
 
@@ -63,7 +65,7 @@ def test_delta_layers_normalize_qk_and_shapes():
     assert KDALayer(32, 4).head_dim == 8 and GLALayer(32, 4).head_dim == 4
 
 
-@pytest.mark.parametrize("name", sorted(LINEAR_LAYERS))
+@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "kda"])
 def test_grouped_kv_heads_shapes_and_modes(name):
     torch.manual_seed(2)
     layer = LINEAR_LAYERS[name](32, num_heads=4, head_dim=8, num_kv_heads=2, chunk_size=8).double()
@@ -75,6 +77,24 @@ def test_grouped_kv_heads_shapes_and_modes(name):
     y_rec, st_rec = layer(x, use_cache=True)
     torch.testing.assert_close(y_rec, y, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(st_rec["recurrent"], st["recurrent"], rtol=1e-9, atol=1e-9)
+
+
+def test_mom_layer_routing_and_state():
+    torch.manual_seed(3)
+    layer = MoMLayer(32, num_heads=2, head_dim=8, num_memories=4, top_k=2).double()
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    w = layer.routing(x)
+    assert w.shape == (2, 10, 5)
+    assert ((w[..., :4] != 0).sum(-1) == 2).all() and torch.equal(w[..., 4], torch.ones(2, 10, dtype=w.dtype))
+    torch.testing.assert_close(w[..., :4].sum(-1), torch.ones(2, 10, dtype=w.dtype))
+    y, st = layer(x, use_cache=True)
+    assert y.shape == x.shape and st["recurrent"].shape == (2, 2, 5, 8, 16)
+    layer.mode = "recurrent"
+    y_rec, st_rec = layer(x, use_cache=True)
+    torch.testing.assert_close(y_rec, y, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(st_rec["recurrent"], st["recurrent"], rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match=r"top_k must be an int in \[1, num_memories=4\], got 5"):
+        MoMLayer(32, 2, top_k=5)
 
 
 def test_bad_arguments():

@@ -59,6 +59,14 @@ def _check(q, k, v, g, beta, weights, step: bool):
     return weights.movedim(-1, 2).expand(lead)
 
 
+def _state(name, state, shape, ref, dt):
+    """The memories' state `(B, H, M, D_k, D_v)` in the compute dtype; None: zeros."""
+    if state is None:
+        return ref.new_zeros(shape, dtype=dt)
+    _check_shape(name, state, shape, "(B, H, M, D_k, D_v)", ref)
+    return state.to(dt)
+
+
 def _recurrent(q, k, v, g, beta, w, scale, S):
     """The token loop (oracle). q (B, H, N, K); k (B, H, M, N, K); v (B, H, M, N, V); g, beta, w
     (B, H, M, N); S (B, H, M, K, V). Returns (o (B, H, N, V), S)."""
@@ -136,11 +144,7 @@ def mom(q, k, v, g, beta, weights, *, scale=None, initial_state=None, output_fin
     V = v.shape[-1]
     scale = check_scale(scale, K)
     dt = _compute_dtype(q)
-    if initial_state is None:
-        S0 = q.new_zeros(B, H, M, K, V, dtype=dt)
-    else:
-        _check_shape("initial_state", initial_state, (B, H, M, K, V), "(B, H, M, D_k, D_v)", q)
-        S0 = initial_state.to(dt)
+    S0 = _state("initial_state", initial_state, (B, H, M, K, V), q, dt)
     args = (q.to(dt), k.to(dt), v.to(dt), g.to(dt), beta.to(dt), w.to(dt), scale, S0)
     o, S = _recurrent(*args) if mode == "recurrent" else _chunk(*args, chunk_size)
     o = o.to(q.dtype)
@@ -155,11 +159,7 @@ def mom_step(q_t, k_t, v_t, g_t, beta_t, w_t, state=None, *, scale=None):
     B, H, M, K = k_t.shape
     V = v_t.shape[-1]
     dt = _compute_dtype(q_t)
-    if state is None:
-        S = q_t.new_zeros(B, H, M, K, V, dtype=dt)
-    else:
-        _check_shape("state", state, (B, H, M, K, V), "(B, H, M, D_k, D_v)", q_t)
-        S = state.to(dt)
+    S = _state("state", state, (B, H, M, K, V), q_t, dt)
     o, S = _step(q_t.to(dt), k_t.to(dt), v_t.to(dt), g_t.to(dt), beta_t.to(dt), w.to(dt),
                  check_scale(scale, K), S)
     return o.to(q_t.dtype), S

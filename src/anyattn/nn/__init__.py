@@ -3,7 +3,7 @@ with x `(B, L, hidden)`, so one decoding loop serves softmax, linear and SSM lay
 switch mixers by name (`MIXERS`)."""
 from .attention import Attention
 from .generate import generate, prefill, reorder_states, step
-from .linear_layers import LINEAR_LAYERS, GatedDeltaNetLayer, GLALayer, KDALayer
+from .linear_layers import LINEAR_LAYERS, GatedDeltaNetLayer, GLALayer, KDALayer, MoMLayer
 from .neighborhood import NeighborhoodAttention1d, NeighborhoodAttention2d, NeighborhoodAttention3d
 from .rotary import RotaryEmbedding, apply_rotary
 from .ssm_layers import SSM_LAYERS, LongConvLayer, Mamba2Block, MambaBlock, S4DLayer
@@ -11,6 +11,6 @@ from .ssm_layers import SSM_LAYERS, LongConvLayer, Mamba2Block, MambaBlock, S4DL
 MIXERS = {"attention": Attention, **LINEAR_LAYERS, **SSM_LAYERS}
 
 __all__ = ["MIXERS", "LINEAR_LAYERS", "SSM_LAYERS", "S4DLayer", "MambaBlock", "Mamba2Block", "LongConvLayer",
-           "Attention", "GLALayer", "GatedDeltaNetLayer", "KDALayer", "generate",
+           "Attention", "GLALayer", "GatedDeltaNetLayer", "KDALayer", "MoMLayer", "generate",
            "prefill", "step", "reorder_states", "NeighborhoodAttention1d", "NeighborhoodAttention2d",
            "NeighborhoodAttention3d", "RotaryEmbedding", "apply_rotary"]

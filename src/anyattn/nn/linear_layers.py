@@ -4,7 +4,7 @@ Each layer maps `x (B, T, hidden_size)` to `y (B, T, hidden_size)`:
 
     q, k, v = short_conv(proj(x))          (causal depthwise conv + SiLU; optional for GLA)
     gates   = per-token decay g <= 0 (and beta in (0, 1) for the delta rules)
-    o       = mixer(q, k, v, gates, state)  (anyattn.linear: gla / gated_delta_rule / kda)
+    o       = mixer(q, k, v, gates, state)  (anyattn.linear: gla / gated_delta_rule / kda / mom)
     y       = o_proj(RMSNorm(o) * act(output_gate(x)))
 
 `forward(x, state=None, use_cache=False) -> (y, new_state)`. The state is a dict with the
@@ -21,6 +21,8 @@ Published layers followed (structure and initialisation of the gates):
 - `KDALayer`: Kimi Delta Attention (Kimi Linear, 2025): per-channel decay
   `g = -exp(A_log[h]) * softplus(W2 W1 x + dt_bias)`, `beta = sigmoid(b(x))`, L2-normalized q and k,
   short convolutions, low-rank output gate with sigmoid activation.
+- `MoMLayer`: Mixture-of-Memories (Du et al., 2025): top-k router over Gated DeltaNet memories (own
+  k, v, decay, beta per memory) plus a shared memory.
 """
 from __future__ import annotations
 
@@ -94,6 +96,31 @@ def _check_layer_args(hidden_size, num_heads, head_dim, mode):
         raise ValueError(f"mode must be one of {list(_L.MODES)}, got {mode!r}")
 
 
+def _init_scalar_decay_gates(layer, hidden_size: int, heads: int):
+    """Gated DeltaNet's gate parameters for `heads` state heads (Mamba2-style decay): a_proj, b_proj,
+    A_log ~ log U(1, 16), dt_bias = softplus^-1(dt), dt log-uniform in [1e-3, 1e-1]."""
+    layer.a_proj = nn.Linear(hidden_size, heads, bias=False)
+    layer.b_proj = nn.Linear(hidden_size, heads, bias=False)
+    layer.A_log = nn.Parameter(torch.log(torch.empty(heads).uniform_(1, 16)))
+    dt = torch.exp(torch.rand(heads) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp_min(1e-4)
+    layer.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))          # inverse softplus
+
+
+def _scalar_decay_gates(layer, x):
+    """`g = -exp(A_log) softplus(a(x) + dt_bias)`, `beta = sigmoid(b(x))`: `(B, T, heads)` each."""
+    g = -_up(layer.A_log).exp() * F.softplus(_up(layer.a_proj(x)) + layer.dt_bias)
+    return g, torch.sigmoid(_up(layer.b_proj(x)))
+
+
+def _kv_heads(num_heads, num_kv_heads):
+    """num_kv_heads (None: num_heads) checked to divide num_heads (grouped-query heads)."""
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1 \
+            or num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads must be a positive int dividing num_heads={num_heads}, got {num_kv_heads!r}")
+    return num_kv_heads
+
+
 def _default_head_dim(hidden_size, num_heads, head_dim, fraction):
     if head_dim is not None:
         return head_dim
@@ -111,13 +138,9 @@ class _LinearMixerLayer(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, expand_v: float, mode: str,
                  use_short_conv: bool, conv_size: int, chunk_size: int, norm_eps: float,
-                 gate_activation: str, num_kv_heads: int | None = None):
+                 gate_activation: str, num_kv_heads: int):
         super().__init__()
         _check_layer_args(hidden_size, num_heads, head_dim, mode)
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1 \
-                or num_heads % num_kv_heads:
-            raise ValueError(f"num_kv_heads must be a positive int dividing num_heads={num_heads}, got {num_kv_heads!r}")
         head_v_dim = int(round(head_dim * expand_v))
         if not math.isclose(head_dim * expand_v, head_v_dim) or head_v_dim < 1:
             raise ValueError(f"head_dim * expand_v must be a positive integer, got {head_dim} * {expand_v}")
@@ -137,15 +160,19 @@ class _LinearMixerLayer(nn.Module):
         self.o_norm = GatedRMSNorm(head_v_dim, eps=norm_eps, activation=gate_activation)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
 
-    # subclasses: gates(x) -> (g, beta) in (B, T, H[, D_k]) layout; output_gate(x) -> (B, T, value_dim)
+    # subclasses: `op` (the anyattn.linear function), gates(x) -> its arguments after q, k, v (a tuple,
+    # head-major layout), output_gate(x) -> (B, T, value_dim); optionally key_value_heads(k, v).
+    op = None
+
     def gates(self, x):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def output_gate(self, x):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def mix(self, q, k, v, g, beta, initial_state):  # pragma: no cover - abstract
-        raise NotImplementedError
+    def key_value_heads(self, k, v):
+        """k `(B, num_kv_heads, T, D_k)`, v likewise: the layout `op` takes."""
+        return k, v
 
     def _heads(self, x, d):
         B, T, _ = x.shape
@@ -172,8 +199,11 @@ class _LinearMixerLayer(nn.Module):
         q, k, v = self._heads(q, self.head_dim), self._heads(k, self.head_dim), self._heads(v, self.head_v_dim)
         if self.delta:
             q, k = F.normalize(q, p=2, dim=-1), F.normalize(k, p=2, dim=-1)
-        g, beta = self.gates(x)
-        o, S = self.mix(q, k, v, g, beta, state.get("recurrent"))
+        k, v = self.key_value_heads(k, v)
+        kw = dict(initial_state=state.get("recurrent"), output_final_state=True, mode=self.mode)
+        if self.mode == "chunk":
+            kw["chunk_size"] = self.chunk_size
+        o, S = self.op(q, k, v, *self.gates(x), **kw)
         o = o.transpose(1, 2)                                             # (B, T, H, D_v)
         gate = self.output_gate(x).reshape(*o.shape)
         o = self.o_norm(o, gate).reshape(x.shape[0], x.shape[1], self.value_dim)
@@ -181,16 +211,12 @@ class _LinearMixerLayer(nn.Module):
         new_state = {"recurrent": S, "conv": new_conv} if use_cache else None
         return y, new_state
 
-    def _call(self, fn, *args, initial_state):
-        kw = dict(initial_state=initial_state, output_final_state=True, mode=self.mode)
-        if self.mode == "chunk":
-            kw["chunk_size"] = self.chunk_size
-        return fn(*args, **kw)
-
 
 class GLALayer(_LinearMixerLayer):
     """Gated Linear Attention layer (Yang et al., 2024, "Gated Linear Attention Transformers with
     Hardware-Efficient Training"). `head_dim` is D_k; D_v = head_dim * expand_v."""
+
+    op = staticmethod(_L.gla)
 
     def __init__(self, hidden_size: int, num_heads: int = 4, head_dim: int | None = None, mode: str = "chunk", *,
                  expand_v: float = 1.0, use_short_conv: bool = False, conv_size: int = 4,
@@ -198,7 +224,7 @@ class GLALayer(_LinearMixerLayer):
                  norm_eps: float = 1e-5, num_kv_heads: int | None = None):
         head_dim = _default_head_dim(hidden_size, num_heads, head_dim, 0.5)
         super().__init__(hidden_size, num_heads, head_dim, expand_v, mode, use_short_conv, conv_size,
-                         chunk_size, norm_eps, "swish", num_kv_heads)
+                         chunk_size, norm_eps, "swish", _kv_heads(num_heads, num_kv_heads))
         self.gate_logit_normalizer = gate_logit_normalizer
         self.gk_proj = nn.Sequential(nn.Linear(hidden_size, gate_low_rank_dim, bias=False),
                                      nn.Linear(gate_low_rank_dim, self.kv_key_dim, bias=True))
@@ -206,13 +232,11 @@ class GLALayer(_LinearMixerLayer):
 
     def gates(self, x):
         gk = F.logsigmoid(_up(self.gk_proj(x))) / self.gate_logit_normalizer
-        return self._heads(gk, self.head_dim), None
+        return (self._heads(gk, self.head_dim),)
 
     def output_gate(self, x):
         return self.g_proj(x)
 
-    def mix(self, q, k, v, g, beta, initial_state):
-        return self._call(_L.gla, q, k, v, g, initial_state=initial_state)
 
 
 class GatedDeltaNetLayer(_LinearMixerLayer):
@@ -220,6 +244,7 @@ class GatedDeltaNetLayer(_LinearMixerLayer):
     with Delta Rule"). `head_dim` is D_k; D_v = head_dim * expand_v (published: 2)."""
 
     delta = True
+    op = staticmethod(_L.gated_delta_rule)
 
     def __init__(self, hidden_size: int, num_heads: int = 4, head_dim: int | None = None, mode: str = "chunk", *,
                  expand_v: float = 2.0, use_short_conv: bool = True, conv_size: int = 4,
@@ -227,19 +252,13 @@ class GatedDeltaNetLayer(_LinearMixerLayer):
                  num_kv_heads: int | None = None):
         head_dim = _default_head_dim(hidden_size, num_heads, head_dim, 0.75)
         super().__init__(hidden_size, num_heads, head_dim, expand_v, mode, use_short_conv, conv_size,
-                         chunk_size, norm_eps, "swish", num_kv_heads)
+                         chunk_size, norm_eps, "swish", _kv_heads(num_heads, num_kv_heads))
         self.allow_neg_eigval = allow_neg_eigval
-        Hk = self.num_kv_heads
-        self.a_proj = nn.Linear(hidden_size, Hk, bias=False)
-        self.b_proj = nn.Linear(hidden_size, Hk, bias=False)
-        self.A_log = nn.Parameter(torch.log(torch.empty(Hk).uniform_(1, 16)))
-        dt = torch.exp(torch.rand(Hk) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp_min(1e-4)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))          # inverse softplus
+        _init_scalar_decay_gates(self, hidden_size, self.num_kv_heads)
         self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
 
     def gates(self, x):
-        g = -_up(self.A_log).exp() * F.softplus(_up(self.a_proj(x)) + self.dt_bias)
-        beta = torch.sigmoid(_up(self.b_proj(x)))
+        g, beta = _scalar_decay_gates(self, x)
         if self.allow_neg_eigval:
             beta = beta * 2.0
         return g.transpose(1, 2), beta.transpose(1, 2)                            # (B, H, T)
@@ -247,8 +266,6 @@ class GatedDeltaNetLayer(_LinearMixerLayer):
     def output_gate(self, x):
         return self.g_proj(x)
 
-    def mix(self, q, k, v, g, beta, initial_state):
-        return self._call(_L.gated_delta_rule, q, k, v, g, beta, initial_state=initial_state)
 
 
 class KDALayer(_LinearMixerLayer):
@@ -256,6 +273,7 @@ class KDALayer(_LinearMixerLayer):
     Architecture"). `head_dim` is D_k; D_v = head_dim * expand_v."""
 
     delta = True
+    op = staticmethod(_L.kda)
 
     def __init__(self, hidden_size: int, num_heads: int = 4, head_dim: int | None = None, mode: str = "chunk", *,
                  expand_v: float = 1.0, use_short_conv: bool = True, conv_size: int = 4,
@@ -263,7 +281,7 @@ class KDALayer(_LinearMixerLayer):
                  num_kv_heads: int | None = None):
         head_dim = _default_head_dim(hidden_size, num_heads, head_dim, 1.0)
         super().__init__(hidden_size, num_heads, head_dim, expand_v, mode, use_short_conv, conv_size,
-                         chunk_size, norm_eps, "sigmoid", num_kv_heads)
+                         chunk_size, norm_eps, "sigmoid", _kv_heads(num_heads, num_kv_heads))
         self.allow_neg_eigval = allow_neg_eigval
         Hk = self.num_kv_heads
         self.f_proj = nn.Sequential(nn.Linear(hidden_size, self.head_v_dim, bias=False),
@@ -286,8 +304,60 @@ class KDALayer(_LinearMixerLayer):
     def output_gate(self, x):
         return self.g_proj(x)
 
-    def mix(self, q, k, v, g, beta, initial_state):
-        return self._call(_L.kda, q, k, v, g, beta, initial_state=initial_state)
 
 
-LINEAR_LAYERS = {"gla": GLALayer, "gated_deltanet": GatedDeltaNetLayer, "kda": KDALayer}
+class MoMLayer(_LinearMixerLayer):
+    """Mixture-of-Memories layer (Du et al., 2025, "MoM: Linear Sequence Modeling with
+    Mixture-of-Memories") with Gated DeltaNet memories. A router sends every token to `top_k` of
+    `num_memories` memories (weights: softmax over the chosen logits); with `shared_memory=True` one
+    more memory sees every token with weight 1. Each memory has its own key, value, decay and beta
+    projections; the query, short convolutions, output norm and gate are those of GatedDeltaNetLayer.
+    The state's `"recurrent"` is `(B, num_heads, M, D_k, D_v)` with M = num_memories (+ 1 shared)."""
+
+    delta = True
+    op = staticmethod(_L.mom)
+
+    def __init__(self, hidden_size: int, num_heads: int = 4, head_dim: int | None = None, mode: str = "chunk", *,
+                 num_memories: int = 4, top_k: int = 2, shared_memory: bool = True, expand_v: float = 2.0,
+                 use_short_conv: bool = True, conv_size: int = 4, chunk_size: int = 64, norm_eps: float = 1e-5):
+        head_dim = _default_head_dim(hidden_size, num_heads, head_dim, 0.75)
+        if isinstance(num_memories, bool) or not isinstance(num_memories, int) or num_memories < 1:
+            raise ValueError(f"num_memories must be a positive int, got {num_memories!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_memories:
+            raise ValueError(f"top_k must be an int in [1, num_memories={num_memories}], got {top_k!r}")
+        if not isinstance(shared_memory, bool):
+            raise TypeError(f"shared_memory must be a bool, got {type(shared_memory).__name__}")
+        total = num_memories + int(shared_memory)
+        super().__init__(hidden_size, num_heads, head_dim, expand_v, mode, use_short_conv, conv_size,
+                         chunk_size, norm_eps, "swish", num_heads * total)
+        self.num_memories, self.top_k, self.shared_memory, self.total_memories = (
+            num_memories, top_k, shared_memory, total)
+        self.router = nn.Linear(hidden_size, num_memories, bias=False)
+        _init_scalar_decay_gates(self, hidden_size, num_heads * total)   # one per (head, memory)
+        self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+
+    def key_value_heads(self, k, v):
+        B, _, T, _ = k.shape
+        return (k.reshape(B, self.num_heads, self.total_memories, T, -1),
+                v.reshape(B, self.num_heads, self.total_memories, T, -1))
+
+    def routing(self, x):
+        """Router weights `(B, T, M)`: softmax over the top_k logits, 0 elsewhere; 1 for the shared memory."""
+        logits = _up(self.router(x))
+        top = logits.topk(self.top_k, dim=-1)
+        w = torch.zeros_like(logits).scatter(-1, top.indices, top.values.softmax(-1))
+        return torch.cat([w, torch.ones_like(w[..., :1])], -1) if self.shared_memory else w
+
+    def gates(self, x):
+        B, T, _ = x.shape
+        g, beta = _scalar_decay_gates(self, x)
+
+        def per_memory(t):                                            # (B, T, H * M) -> (B, H, M, T)
+            return t.reshape(B, T, self.num_heads, self.total_memories).permute(0, 2, 3, 1)
+        return per_memory(g), per_memory(beta), self.routing(x)
+
+    def output_gate(self, x):
+        return self.g_proj(x)
+
+
+LINEAR_LAYERS = {"gla": GLALayer, "gated_deltanet": GatedDeltaNetLayer, "kda": KDALayer, "mom": MoMLayer}
