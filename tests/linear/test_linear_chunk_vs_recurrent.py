@@ -157,3 +157,20 @@ def test_noncontiguous_inputs():
     t["q"] = inp["q"].transpose(1, 2).contiguous().transpose(1, 2)
     assert not t["q"].is_contiguous()
     torch.testing.assert_close(call("gated_delta_rule", t), call("gated_delta_rule", inp))
+
+
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("groups", [1, 2])
+def test_many_chunk_groups(method, groups, monkeypatch):
+    """The engines walk the sequence in groups of chunks (state carried from group to group); make the
+    groups small so every case crosses several group boundaries, with a partial last group."""
+    from anyattn.linear import chunk as engines
+    monkeypatch.setattr(engines, "GROUP_TOKENS", 8)
+    monkeypatch.setattr(engines, "DECAY_GROUP_TOKENS", 12)
+    inp = make_inputs(method, N=45, groups=groups, requires_grad=True, seed=21)
+    o1, S1, g1 = _grads(method, inp, "chunk", 4)
+    o2, S2, g2 = _grads(method, inp, "recurrent")
+    torch.testing.assert_close(o1, o2, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(S1, S2, rtol=1e-9, atol=1e-9)
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-9, atol=1e-9, msg=f"grad of {name}")
