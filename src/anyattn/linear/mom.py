@@ -108,17 +108,21 @@ def _chunk(q, k, v, g, beta, w, scale, S0, chunk_size):
     counts = routed.sum(-1).amax((0, 1)).tolist()                                  # L_m per memory
     out = q.new_zeros(B, H, N, V)
     states = []
-    for m, L in enumerate(counts):
+    # unbind, not indexing, per memory: the backward of one unbind is one stack, whereas each index's
+    # backward would materialize a zero tensor of all M memories
+    per_memory = zip(counts, order.unbind(2), routed.unbind(2), k.unbind(2), v.unbind(2), g.unbind(2),
+                     beta.unbind(2), w.unbind(2), S0.unbind(2))
+    for L, order_m, routed_m, k_m, v_m, g_m, beta_m, w_m, S0_m in per_memory:
         if L == 0:
-            states.append(S0[:, :, m])
+            states.append(S0_m)
             continue
-        idx = order[:, :, m, :L]
-        keep = routed[:, :, m].gather(-1, idx).to(k.dtype)
-        o, S = _run(_gather_tokens(q, idx), _gather_tokens(k[:, :, m], idx) * keep[..., None],
-                    _gather_tokens(v[:, :, m], idx) * keep[..., None], g=_gather_tokens(g[:, :, m], idx) * keep,
-                    beta=_gather_tokens(beta[:, :, m], idx) * keep, delta=True, scale=scale,
-                    initial_state=S0[:, :, m], output_final_state=True, mode="chunk", chunk_size=chunk_size)
-        weight = _gather_tokens(w[:, :, m], idx) * keep                # 0 (and no gradient) on the padding
+        idx = order_m[..., :L]
+        keep = routed_m.gather(-1, idx).to(k.dtype)
+        o, S = _run(_gather_tokens(q, idx), _gather_tokens(k_m, idx) * keep[..., None],
+                    _gather_tokens(v_m, idx) * keep[..., None], g=_gather_tokens(g_m, idx) * keep,
+                    beta=_gather_tokens(beta_m, idx) * keep, delta=True, scale=scale, initial_state=S0_m,
+                    output_final_state=True, mode="chunk", chunk_size=chunk_size)
+        weight = _gather_tokens(w_m, idx) * keep                       # 0 (and no gradient) on the padding
         out = out.scatter_add(2, idx[..., None].expand(B, H, L, V), o * weight[..., None])
         states.append(S)
     return out, torch.stack(states, 2)
