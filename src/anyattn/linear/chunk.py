@@ -152,13 +152,16 @@ def solve_unit_lower(A: torch.Tensor, R: torch.Tensor, block: int = 16) -> torch
     for _ in range(max(0, (b - 1).bit_length() - 1)):
         Np = Np @ Np
         P = P + P @ Np
+    if nb == 1:
+        return P[:, 0] @ R
+    # split (not slicing): one backward concatenation instead of a zero-filled full tensor per slice
+    blocks = [row.split(b, 2) for row in A.split(b, 1)]
     xs = []
-    for i in range(nb):
-        rhs = R[:, i * b:(i + 1) * b]
+    for i, (P_i, rhs) in enumerate(zip(P.unbind(1), R.split(b, 1))):
         for j in range(i):
-            rhs = torch.baddbmm(rhs, A[:, i * b:(i + 1) * b, j * b:(j + 1) * b], xs[j], alpha=-1.0)
-        xs.append(torch.bmm(P[:, i], rhs))
-    return xs[0] if nb == 1 else torch.cat(xs, 1)
+            rhs = torch.baddbmm(rhs, blocks[i][j], xs[j], alpha=-1.0)
+        xs.append(torch.bmm(P_i, rhs))
+    return torch.cat(xs, 1)
 
 
 def _decay_factors(G, qc, kc):
@@ -287,7 +290,7 @@ def _delta_group(qc, kc, vc, bc, G, S):
     else:
         kg = k * (torch.exp(G) * b[:, :, None])
     X = solve_unit_lower(A_kk, torch.cat([kg, v * b[:, :, None]], -1)).view(BH, n, C, K + V)
-    W, U = X[..., :K], X[..., K:]                                      # (BH, n, C, K), (BH, n, C, V)
+    W, U = X.split([K, V], -1)                                         # (BH, n, C, K), (BH, n, C, V)
     kdT = kd.view(BH, n, C, K).transpose(-1, -2)
     qd, A_qk = qd.reshape(BH, n, Gq * C, K), A_qk.reshape(BH, n, Gq * C, C)
     d = None if d is None else d.view(BH, n, *d.shape[1:])
