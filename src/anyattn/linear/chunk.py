@@ -6,9 +6,10 @@ or per key channel), for every chunk at once (batched matmuls):
 
     A[r, c] = sum_d a[r, d] b[c, d] exp(Γ[r, d] - Γ[c, d])    (c <= r; the "decayed gram")
 
-and only the inter-chunk state recurrence is a Python loop over the N / C chunks. The delta engine
-works through the sequence in groups of chunks (about GROUP_TOKENS tokens), so each group's operands
-stay in cache.
+and only the inter-chunk state recurrence is a Python loop over the N / C chunks. Both engines work
+through the sequence in groups of chunks (DECAY_GROUP_TOKENS, GROUP_TOKENS tokens), so each group's
+temporaries stay small and in cache. Grouped-query heads: q carries Gq query heads per key head,
+stacked as Gq * C rows of each chunk.
 
 Two engines share these pieces:
 
