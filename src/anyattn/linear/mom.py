@@ -14,7 +14,8 @@ MoM's shared memory is one more memory whose weight is 1 at every token.
 `mode="chunk"` gathers, per memory, the tokens routed to it into a compact sequence (per batch and
 head; padded at the end to the longest with tokens that change nothing: k = v = 0, g = beta = 0),
 runs the Gated DeltaNet chunk engine on it, and scatter-adds the weighted reads back: it costs what
-the routed tokens cost (top-k of M routed memories: about k / M of running each on every token). `mode="recurrent"` is the token loop above (the oracle).
+the routed tokens cost (top-k of M routed memories: about k / M of running each on every token).
+`mode="recurrent"` is the token loop above (the oracle).
 """
 from __future__ import annotations
 
