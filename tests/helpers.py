@@ -64,3 +64,14 @@ def check_against_oracle(method, q, k, v, tol=None, **kwargs):
     for name, g, rg in zip("qkv", grads, r_grads):
         assert torch.isfinite(g).all(), f"{method} d{name} has NaN/inf"
         assert_close(g, rg, dtype, f"{method} d{name}", tol)
+
+
+def quick_cases(workloads, name):
+    """The quick cases of a bench workload, checked for shape: a non-empty list of `Case`s, each with
+    its baseline among the contenders and a positive FLOP count."""
+    from anyattn.bench.case import Case
+    cases = workloads[name](True)
+    assert cases and all(isinstance(c, Case) for c in cases)
+    for case in cases:
+        assert case.baseline in case.contenders and case.flops > 0
+    return cases

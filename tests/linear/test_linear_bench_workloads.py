@@ -2,16 +2,14 @@
 import pytest
 import torch
 
-from anyattn.bench.case import Case, first_tensor
+from anyattn.bench.case import first_tensor
 from anyattn.bench.workloads.linear_family import WORKLOADS
+from helpers import quick_cases
 
 
 @pytest.mark.parametrize("name", sorted(WORKLOADS))
 def test_quick_cases_run(name):
-    cases = WORKLOADS[name](True)
-    assert cases and all(isinstance(c, Case) for c in cases)
-    for case in cases:
-        assert case.baseline in case.contenders and case.flops > 0
+    for case in quick_cases(WORKLOADS, name):
         inputs = case.make_inputs(False)
         # fla's token-by-token references are slow; run them only where they are the exact column
         run = [n for n in case.contenders if n in ("chunk", "step", case.baseline, case.exact)]

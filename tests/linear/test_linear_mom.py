@@ -149,5 +149,7 @@ def test_bad_inputs():
         L.mom(q, k, v, g, beta, w, initial_state=torch.zeros(2, 2, 5, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"mode must be one of"):
         L.mom(q, k, v, g, beta, w, mode="fused")
+    with pytest.raises(TypeError, match=r"q must have a floating dtype .* got torch.int64"):
+        L.mom(q.long(), k, v, g, beta, w)
     with pytest.raises(ValueError, match=r"w_t must have shape \(B, M\) = \(2, 4\) or \(B, H, M\) = \(2, 2, 4\), got \(2, 5\)"):
         L.mom_step(q[:, :, 0], k[:, :, :, 0], v[:, :, :, 0], g[..., 0], beta[..., 0], torch.zeros(2, 5, dtype=torch.float64))

@@ -2,16 +2,14 @@
 import pytest
 import torch
 
-from anyattn.bench.case import Case, first_tensor
+from anyattn.bench.case import first_tensor
 from anyattn.bench.workloads.ssm_family import WORKLOADS
+from helpers import quick_cases
 
 
 @pytest.mark.parametrize("name", sorted(WORKLOADS))
 def test_quick_cases_run(name):
-    cases = WORKLOADS[name](True)
-    assert cases and all(isinstance(c, Case) for c in cases)
-    for case in cases:
-        assert case.baseline in case.contenders and case.flops > 0
+    for case in quick_cases(WORKLOADS, name):
         inputs = case.make_inputs(False)
         with torch.no_grad():
             outs = {n: first_tensor(f(inputs)) for n, f in case.contenders.items()}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..validate import check_positive_int, check_scale, check_tensor
+from ..validate import FLOAT_DTYPES, check_positive_int, check_scale, check_tensor
 from . import recurrent as _rec
 from .ops import MODES, _check_float, _check_shape, _compute_dtype, _run
 
@@ -34,6 +34,8 @@ def _check(q, k, v, g, beta, weights, step: bool):
     check_tensor(names[0], q, 3 if step else 4)
     check_tensor(names[1], k, 4 if step else 5)
     check_tensor(names[2], v, 4 if step else 5)
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{names[0]} must have a floating dtype {[str(d) for d in FLOAT_DTYPES]}, got {q.dtype}")
     for name, x in zip(names[1:], (k, v, g, beta, weights)):
         check_tensor(name, x)
         _check_float(name, x, q)

@@ -240,24 +240,37 @@ def linear_attention_step(q_t, k_t, v_t, state=None, feature_map="elu1", normali
 
 # ---------------------------------------------------------------------------- retention, lightning
 
+def _gated(q, k, v, g, kind, beta, scale, initial_state, output_final_state, mode, chunk_size):
+    """Checks and runs a gated op: g of `kind` ("head", "vector", "scalar"); beta None (decay family)
+    or `(B, H, N)` (delta family)."""
+    _check_qkv(q, k, v)
+    g = _check_g("g", g, k, kind)
+    beta = None if beta is None else _check_beta("beta", beta, k)
+    scale = _check_common(q, k, v, scale, initial_state, mode, chunk_size, output_final_state)
+    return _run(q, k, v, g=g, beta=beta, delta=beta is not None, scale=scale, initial_state=initial_state,
+                output_final_state=output_final_state, mode=mode, chunk_size=chunk_size)
+
+
+def _gated_step(q_t, k_t, v_t, g, kind, beta_t, state, scale, g_name="g_t"):
+    """One token of `_gated`."""
+    _check_qkv(q_t, k_t, v_t, step=True)
+    g = _check_g(g_name, g, k_t, kind, step=True)
+    beta_t = None if beta_t is None else _check_beta("beta_t", beta_t, k_t, step=True)
+    return _step(q_t, k_t, v_t, state, check_scale(scale, q_t.shape[-1]), g=g, beta=beta_t)
+
+
 def retention(q, k, v, g, *, scale=None, initial_state=None, output_final_state: bool = False,
               mode: str = "chunk", chunk_size: int = 64):
     """Retention (RetNet, Sun et al., 2023) / scalar-decay linear attention ("simple GLA"):
     `S_t = exp(g_t) S_{t-1} + k_t v_t^T`, `o_t = scale * S_t^T q_t`.
     q, k `(B, H, N, D_k)`, v `(B, H, N, D_v)`, g <= 0 of shape `(H,)` (constant per head, RetNet's
     `log(gamma_h)`) or `(B, H, N)` (per token)."""
-    _check_qkv(q, k, v)
-    g = _check_g("g", g, k, "head")
-    scale = _check_common(q, k, v, scale, initial_state, mode, chunk_size, output_final_state)
-    return _run(q, k, v, g=g, scale=scale, initial_state=initial_state,
-                output_final_state=output_final_state, mode=mode, chunk_size=chunk_size)
+    return _gated(q, k, v, g, "head", None, scale, initial_state, output_final_state, mode, chunk_size)
 
 
 def retention_step(q_t, k_t, v_t, g, state=None, *, scale=None):
     """One token of `retention`; g `(H,)` or `(B, H)`. Returns `(o_t (B, H, D_v), state)`."""
-    _check_qkv(q_t, k_t, v_t, step=True)
-    g = _check_g("g", g, k_t, "head", step=True)
-    return _step(q_t, k_t, v_t, state, check_scale(scale, q_t.shape[-1]), g=g)
+    return _gated_step(q_t, k_t, v_t, g, "head", None, state, scale, g_name="g")
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -296,17 +309,14 @@ def lightning(q, k, v, slopes=None, *, scale=None, initial_state=None, output_fi
     `[(Q K^T) ⊙ M] V` with `M_ab = lambda^(a-b)`, inter-block through the state). slopes `(H,)`,
     positive; default: ALiBi slopes. Same function as `retention(q, k, v, g=-slopes)`."""
     _check_qkv(q, k, v)
-    g = _check_g("g", _lightning_g(k, slopes), k, "head")
-    scale = _check_common(q, k, v, scale, initial_state, mode, chunk_size, output_final_state)
-    return _run(q, k, v, g=g, scale=scale, initial_state=initial_state,
-                output_final_state=output_final_state, mode=mode, chunk_size=chunk_size)
+    return _gated(q, k, v, _lightning_g(k, slopes), "head", None, scale, initial_state, output_final_state, mode,
+                  chunk_size)
 
 
 def lightning_step(q_t, k_t, v_t, state=None, slopes=None, *, scale=None):
     """One token of `lightning`. Returns `(o_t, state)`."""
     _check_qkv(q_t, k_t, v_t, step=True)
-    g = _check_g("g", _lightning_g(k_t, slopes, step=True), k_t, "head", step=True)
-    return _step(q_t, k_t, v_t, state, check_scale(scale, q_t.shape[-1]), g=g)
+    return _gated_step(q_t, k_t, v_t, _lightning_g(k_t, slopes, step=True), "head", None, state, scale, g_name="g")
 
 
 # -------------------------------------------------------------------------------------------- GLA
@@ -315,18 +325,12 @@ def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state: bool 
         mode: str = "chunk", chunk_size: int = 64):
     """Gated Linear Attention (Yang et al., 2024): `S_t = Diag(exp(g_t)) S_{t-1} + k_t v_t^T`,
     `o_t = scale * S_t^T q_t`. g <= 0 of shape `(B, H, N, D_k)` (per key channel log-decay)."""
-    _check_qkv(q, k, v)
-    g = _check_g("g", g, k, "vector")
-    scale = _check_common(q, k, v, scale, initial_state, mode, chunk_size, output_final_state)
-    return _run(q, k, v, g=g, scale=scale, initial_state=initial_state,
-                output_final_state=output_final_state, mode=mode, chunk_size=chunk_size)
+    return _gated(q, k, v, g, "vector", None, scale, initial_state, output_final_state, mode, chunk_size)
 
 
 def gla_step(q_t, k_t, v_t, g_t, state=None, *, scale=None):
     """One token of `gla`; g_t `(B, H, D_k)`. Returns `(o_t, state)`."""
-    _check_qkv(q_t, k_t, v_t, step=True)
-    g_t = _check_g("g_t", g_t, k_t, "vector", step=True)
-    return _step(q_t, k_t, v_t, state, check_scale(scale, q_t.shape[-1]), g=g_t)
+    return _gated_step(q_t, k_t, v_t, g_t, "vector", None, state, scale)
 
 
 # ---------------------------------------------------------------------------------- delta family
@@ -358,20 +362,12 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
                      mode: str = "chunk", chunk_size: int = 64):
     """Gated DeltaNet (Yang et al., 2025): `S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T`,
     `o_t = scale * S_t^T q_t`. g <= 0 `(B, H, N)` (scalar log-decay per token), beta `(B, H, N)`."""
-    _check_qkv(q, k, v)
-    g = _check_g("g", g, k, "scalar")
-    beta = _check_beta("beta", beta, k)
-    scale = _check_common(q, k, v, scale, initial_state, mode, chunk_size, output_final_state)
-    return _run(q, k, v, g=g, beta=beta, delta=True, scale=scale, initial_state=initial_state,
-                output_final_state=output_final_state, mode=mode, chunk_size=chunk_size)
+    return _gated(q, k, v, g, "scalar", beta, scale, initial_state, output_final_state, mode, chunk_size)
 
 
 def gated_delta_rule_step(q_t, k_t, v_t, g_t, beta_t, state=None, *, scale=None):
     """One token of `gated_delta_rule`; g_t, beta_t `(B, H)`. Returns `(o_t, state)`."""
-    _check_qkv(q_t, k_t, v_t, step=True)
-    g_t = _check_g("g_t", g_t, k_t, "scalar", step=True)
-    beta_t = _check_beta("beta_t", beta_t, k_t, step=True)
-    return _step(q_t, k_t, v_t, state, check_scale(scale, q_t.shape[-1]), g=g_t, beta=beta_t)
+    return _gated_step(q_t, k_t, v_t, g_t, "scalar", beta_t, state, scale)
 
 
 def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state: bool = False,
@@ -379,17 +375,9 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state:
     """Kimi Delta Attention (Kimi Linear, 2025):
     `S_t = (I - beta_t k_t k_t^T) Diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T`, `o_t = scale * S_t^T q_t`.
     g <= 0 `(B, H, N, D_k)` (per key channel log-decay), beta `(B, H, N)`."""
-    _check_qkv(q, k, v)
-    g = _check_g("g", g, k, "vector")
-    beta = _check_beta("beta", beta, k)
-    scale = _check_common(q, k, v, scale, initial_state, mode, chunk_size, output_final_state)
-    return _run(q, k, v, g=g, beta=beta, delta=True, scale=scale, initial_state=initial_state,
-                output_final_state=output_final_state, mode=mode, chunk_size=chunk_size)
+    return _gated(q, k, v, g, "vector", beta, scale, initial_state, output_final_state, mode, chunk_size)
 
 
 def kda_step(q_t, k_t, v_t, g_t, beta_t, state=None, *, scale=None):
     """One token of `kda`; g_t `(B, H, D_k)`, beta_t `(B, H)`. Returns `(o_t, state)`."""
-    _check_qkv(q_t, k_t, v_t, step=True)
-    g_t = _check_g("g_t", g_t, k_t, "vector", step=True)
-    beta_t = _check_beta("beta_t", beta_t, k_t, step=True)
-    return _step(q_t, k_t, v_t, state, check_scale(scale, q_t.shape[-1]), g=g_t, beta=beta_t)
+    return _gated_step(q_t, k_t, v_t, g_t, "vector", beta_t, state, scale)
