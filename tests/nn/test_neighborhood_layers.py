@@ -41,7 +41,7 @@ def test_layer_gradients_match_dense_reference():
     # The whole layer against the same layer computed with the dense reference oracle on the
     # flattened grid (masks.Neighborhood + method="reference"): input and parameter gradients.
     import anyattn
-    from anyattn.neighborhood_mask import Neighborhood
+    from anyattn.masks.neighborhood import Neighborhood
     torch.manual_seed(1)
     layer = NeighborhoodAttention2d(8, 2, kernel_size=(3, 2), dilation=(1, 2), is_causal=(False, True),
                                     rotary=True).double()

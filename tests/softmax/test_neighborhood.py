@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import anyattn
-from anyattn.neighborhood_mask import Neighborhood
+from anyattn.masks.neighborhood import Neighborhood
 from anyattn.softmax.neighborhood import default_tiles, neighborhood
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..lse import merge
 from ..masks import Dense
-from ..neighborhood_mask import group_sizes, normalize_args, window
+from ..masks.neighborhood import group_sizes, normalize_args, window
 from ..validate import Shape, check_qkv, check_same_device_dtype, check_scale, check_tensor
 from .blocked import blocked_attention
 from .sdpa import lse_supported, sdpa_attention
@@ -376,7 +376,7 @@ def neighborhood(q, k, v, kernel_size, dilation=1, stride=1, is_causal=False, *,
 
 # ---------------------------------------------------------------- `anyattn.attention(method="neighborhood")`
 def _supports(req) -> str | None:
-    from ..neighborhood_mask import Neighborhood
+    from ..masks.neighborhood import Neighborhood
     if not isinstance(req.mask, Neighborhood):
         return f"mask {req.mask!r} is not a masks.Neighborhood spec"
     if req.bias is not None:

@@ -50,7 +50,7 @@ def _natten(spatial, kernel):
 
 
 def _case(workload, spatial, kernel, *, B=1, H=8, D=64, label="", flex=True):
-    from ...neighborhood_mask import Neighborhood
+    from ...masks.neighborhood import Neighborhood
     N = math.prod(spatial)
     kernel_t = kernel if isinstance(kernel, tuple) else (kernel,) * len(spatial)
     dense_state = {}
@@ -82,7 +82,7 @@ def _case(workload, spatial, kernel, *, B=1, H=8, D=64, label="", flex=True):
         case.skip["flex"] = (f"create_block_mask materializes the {N} x {N} mask on CPU "
                              f"({N * N * 8 / 1e9:.0f} GB as int64); run at N only")
     elif flex:
-        from ...neighborhood_mask import Neighborhood
+        from ...masks.neighborhood import Neighborhood
         spec = Neighborhood(spatial, kernel)
         add_flex(case, N, N, mask_mod=lambda b, h, q, kv: spec.allowed(b, h, q, kv, N, N),
                  prepare=lambda x: (_flat(x["q"]), _flat(x["k"]), _flat(x["v"])))

@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .validate import check_broadcast, check_tensor
+from ..validate import check_broadcast, check_tensor
 
 
 class Span(NamedTuple):
@@ -398,5 +398,3 @@ def as_mask(mask) -> Mask | None:
     raise TypeError(f"mask must be None, an anyattn.masks spec, a bool tensor or a mask_mod callable, "
                     f"got {type(mask).__name__}")
 
-
-from .neighborhood_mask import Neighborhood  # noqa: E402,F401  (subclasses Mask above)

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from .masks import Mask, Span, _span
+from .core import Mask, Span, _span
 
 
 def _as_tuple(name: str, value, m: int, kind=int) -> tuple:
