@@ -12,7 +12,7 @@ import math
 import torch
 
 from ..masks import Causal, KeyPadding, Mask
-from ..validate import check_positive_int
+from ..validate import Shape, check_positive_int
 
 SEED_DOC = "seed for the random draws (int, default 0: deterministic; None: fresh randomness each call)"
 
@@ -98,12 +98,18 @@ def causal_offset(mask, n_q: int, n_k: int) -> int | None:
 
 
 def fused_attention(q, k, v, mask=None, scale: float | None = None):
-    """Exact attention with LSE through anyattn's fused path: `sdpa` (flash op, differentiable LSE)
-    on CPU, `blocked` elsewhere. Returns `(out, lse)`."""
-    from ..api import attention
+    """Exact attention with LSE on the softmax engines: `sdpa` (fused kernel with a differentiable LSE)
+    where the device and mask allow it, else `blocked`. q `(B, H, N_q, D)`, k, v with `H_kv` heads
+    dividing H; mask: None, `Causal` or `Dense`. Returns `(out, lse)`."""
+    from ..softmax.blocked import blocked_attention
+    from ..softmax.sdpa import lower, lse_supported, sdpa_attention
 
-    method = "sdpa" if q.device.type == "cpu" else "blocked"
-    return attention(q, k, v, mask=mask, scale=scale, method=method, return_lse=True)
+    shape = Shape(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3])
+    scale = shape.D ** -0.5 if scale is None else scale
+    attn_mask, is_causal, reason = lower(mask, None, shape)
+    if reason is None and lse_supported(q.device):
+        return sdpa_attention(q, k, v, attn_mask, is_causal, scale, shape, True)
+    return blocked_attention(q, k, v, mask, None, scale, shape)
 
 
 def pad_to(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
