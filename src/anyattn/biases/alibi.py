@@ -6,7 +6,7 @@ import math
 import torch
 
 from ..validate import check_tensor
-from .base import Bias, _causal_implied, _check_param, _positions, _work
+from .base import Bias, _causal_implied, pick, _check_param, _positions, _work
 
 class Alibi(Bias):
     """ALiBi (Press et al. 2022, "Train Short, Test Long", arXiv:2108.12409): `bias[h, i, j] =
@@ -45,6 +45,11 @@ class Alibi(Bias):
         w = _work(s.dtype)
         qp, kp = _positions(q0, q1, k0, k1, n_q, n_k, s.device, w)
         return -(s.to(w).view(1, -1, 1, 1) * (qp - kp).abs_())
+
+    def bias_mod(self, n_q, n_k):
+        s, off = self.slopes, n_k - n_q
+        w = _work(s.dtype)
+        return lambda b, h, q_idx, kv_idx: -(s[pick(h, s.shape[0])].to(w) * (q_idx + off - kv_idx).abs().to(w))
 
     def _split(self, n_k):
         """`(hi, lo)` with `hi` short enough that `hi * m` is exact in float32 for |m| <= n_k."""

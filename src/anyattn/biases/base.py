@@ -59,6 +59,12 @@ class Bias:
     def dense(self, n_q: int, n_k: int) -> torch.Tensor:
         return self.tile(self.tensors(), 0, n_q, 0, n_k, n_q, n_k)
 
+    def bias_mod(self, n_q: int, n_k: int):
+        """The bias as a FlexAttention-style callable `(b, h, q_idx, kv_idx) -> float tensor` on raw
+        (not aligned) integer indices, scalars or broadcast tensors, closing over `tensors()` (so
+        gradients reach them); the values equal `dense(n_q, n_k)[b, h, q_idx, kv_idx]`."""
+        raise NotImplementedError(f"{type(self).__name__} has no bias_mod form")
+
     def exact_rank(self, mask, n_q: int, n_k: int) -> int | None:
         """Rank of the exact factorization valid on the keys `mask` allows, or None (cheap, no compute)."""
         return None
@@ -104,6 +110,10 @@ class Sum(Bias):
     def terms(self):
         return self.a.terms() + self.b.terms()
 
+    def bias_mod(self, n_q, n_k):
+        fa, fb = self.a.bias_mod(n_q, n_k), self.b.bias_mod(n_q, n_k)
+        return lambda b, h, q_idx, kv_idx: fa(b, h, q_idx, kv_idx) + fb(b, h, q_idx, kv_idx)
+
     def exact_rank(self, mask, n_q, n_k):
         ra, rb = self.a.exact_rank(mask, n_q, n_k), self.b.exact_rank(mask, n_q, n_k)
         return None if ra is None or rb is None else ra + rb
@@ -128,6 +138,11 @@ def concat_factors(factors):
     us = [u.to(dtype).expand(*lead_u, *u.shape[2:]) for u, _ in factors]
     vs = [v.to(dtype).expand(*lead_v, *v.shape[2:]) for _, v in factors]
     return torch.cat(us, -1), torch.cat(vs, -1)
+
+
+def pick(index, size: int):
+    """`index` where a tensor dim of `size` is indexed, 0 where the dim broadcasts (size 1)."""
+    return index if size > 1 else 0
 
 
 def as_bias(bias) -> Bias | None:

@@ -59,5 +59,11 @@ class BiasMod(Bias):
         out = out.to(_work(out.dtype))
         return out.expand(*out.shape[:2], q1 - q0, k1 - k0)
 
+    def bias_mod(self, n_q, n_k):
+        def mod(b, h, q_idx, kv_idx):
+            out = self.fn(b, h, q_idx, kv_idx, *self.params)
+            return out if isinstance(out, torch.Tensor) else torch.full((), float(out), device=q_idx.device)
+        return mod
+
     def __repr__(self):
         return f"BiasMod({getattr(self.fn, '__name__', 'fn')})"

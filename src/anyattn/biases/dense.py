@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..validate import check_broadcast, check_tensor
-from .base import Bias
+from .base import Bias, pick
 
 class Dense(Bias):
     """An explicit bias tensor broadcastable to `(B, H, N_q, N_k)` (1 to 4 dims, right-aligned).
@@ -36,6 +36,11 @@ class Dense(Bias):
         qs = slice(q0, q1) if t.shape[2] > 1 else slice(None)
         ks = slice(k0, k1) if t.shape[3] > 1 else slice(None)
         return t[:, :, qs, ks]
+
+    def bias_mod(self, n_q, n_k):
+        t = self._4d(self.bias)
+        B, H, Q, K = t.shape
+        return lambda b, h, q_idx, kv_idx: t[pick(b, B), pick(h, H), pick(q_idx, Q), pick(kv_idx, K)]
 
     def __repr__(self):
         return f"Dense(shape={tuple(self.bias.shape)})"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..validate import check_broadcast, check_tensor
-from .base import Bias, _check_param, _work
+from .base import Bias, _check_param, _work, pick
 
 class Factored(Bias):
     """A low-rank bias `u v^T`: u `(..., N_q, R)`, v `(..., N_k, R)` with 2 to 4 dims whose leading dims
@@ -44,6 +44,16 @@ class Factored(Bias):
         u, v = self._4d(tensors[0]), self._4d(tensors[1])
         w = _work(torch.promote_types(u.dtype, v.dtype))
         return torch.matmul(u[:, :, q0:q1].to(w), v[:, :, k0:k1].to(w).transpose(-1, -2))
+
+    def bias_mod(self, n_q, n_k):
+        u, v = self._4d(self.u), self._4d(self.v)
+        w = _work(torch.promote_types(u.dtype, v.dtype))
+
+        def mod(b, h, q_idx, kv_idx):
+            bu, hu, bv, hv = pick(b, u.shape[0]), pick(h, u.shape[1]), pick(b, v.shape[0]), pick(h, v.shape[1])
+            # A sum of R scalar products (FlexAttention evaluates score mods per element).
+            return sum(u[bu, hu, q_idx, r].to(w) * v[bv, hv, kv_idx, r].to(w) for r in range(self.rank))
+        return mod
 
     def exact_rank(self, mask, n_q, n_k):
         return self.rank

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from ..validate import check_tensor
-from .base import Bias, _check_param, _positions, _work
+from .base import Bias, _check_param, _positions, _work, pick
 
 def t5_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int,
               max_distance: int) -> torch.Tensor:
@@ -103,17 +103,27 @@ class RelativePosition(Bias):
                 raise ValueError(f"Swin grid {(Wh, Ww)} needs N_k = {Wh * Ww} keys and N_q <= N_k, "
                                  f"got N_q = {n_q}, N_k = {n_k}")
 
+    def _t5_lut(self, n_q, n_k, device):
+        """T5 bucket of every key-minus-query distance `kp - qp` in `[-(n_k - 1), n_q - 1]` (entry
+        `kp - qp + n_k - 1`): the bucket depends only on the distance, so it is evaluated once."""
+        key = (n_q, n_k, device)
+        if self._lut is None or self._lut[0] != key:
+            rel = torch.arange(-(n_k - 1), n_q, device=device)
+            self._lut = (key, self.index(torch.zeros(1, 1, dtype=torch.long, device=device), rel.view(1, -1))[0])
+        return self._lut[1]
+
     def _index(self, q0, q1, k0, k1, n_q, n_k, device):
-        if self.kind == "t5":
-            # The bucket depends only on j - p_i: evaluate it once per distance.
-            key = (n_q, n_k, device)
-            if self._lut is None or self._lut[0] != key:
-                rel = torch.arange(-(n_k - 1), n_q, device=device)
-                self._lut = (key, self.index(torch.zeros(1, 1, dtype=torch.long, device=device), rel.view(1, -1))[0])
-            qp, kp = _positions(q0, q1, k0, k1, n_q, n_k, device, torch.long)
-            return self._lut[1][kp - qp + (n_k - 1)]
         qp, kp = _positions(q0, q1, k0, k1, n_q, n_k, device, torch.long)
+        if self.kind == "t5":
+            return self._t5_lut(n_q, n_k, device)[kp - qp + (n_k - 1)]
         return self.index(qp, kp)
+
+    def bias_mod(self, n_q, n_k):
+        t, off = self.table, n_k - n_q
+        if self.kind == "t5":
+            lut = self._t5_lut(n_q, n_k, t.device)
+            return lambda b, h, q_idx, kv_idx: t[lut[kv_idx - q_idx - off + (n_k - 1)], pick(h, t.shape[1])]
+        return lambda b, h, q_idx, kv_idx: t[self.index(q_idx + off, kv_idx), pick(h, t.shape[1])]
 
     def tile(self, tensors, q0, q1, k0, k1, n_q, n_k):
         t = tensors[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..validate import check_tensor
-from .base import Bias, _check_param, _work
+from .base import Bias, _check_param, _work, pick
 
 class SpatialDistance(Bias):
     """Squared-distance bias for point clouds, meshes and PDE grids: `bias[b, h, i, j] =
@@ -66,6 +66,19 @@ class SpatialDistance(Bias):
         xt, yt = x[:, q0:q1].to(wd), y[:, k0:k1].to(wd)
         d2 = (xt.unsqueeze(2) - yt.unsqueeze(1)).square().sum(-1)  # (B|1, Tq, Tk)
         return -(w.to(wd).view(1, -1, 1, 1) * d2.unsqueeze(1))
+
+    def bias_mod(self, n_q, n_k):
+        x, w = self.coords, self.weight
+        y = self.key_coords if self.key_coords is not None else x
+        off = n_k - n_q if self.key_coords is None else 0  # query i uses coords row i + N_k - N_q
+        x3, y3 = (x if x.dim() == 3 else x.unsqueeze(0)), (y if y.dim() == 3 else y.unsqueeze(0))
+        wd = _work(torch.promote_types(x.dtype, w.dtype))
+
+        def mod(b, h, q_idx, kv_idx):
+            bx, by = pick(b, x3.shape[0]), pick(b, y3.shape[0])
+            d2 = sum((x3[bx, q_idx + off, c].to(wd) - y3[by, kv_idx, c].to(wd)).square() for c in range(x3.shape[-1]))
+            return -(w[pick(h, w.shape[0])].to(wd) * d2)
+        return mod
 
     def exact_rank(self, mask, n_q, n_k):
         return self.coords.shape[-1] + 2
