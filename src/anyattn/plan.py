@@ -2,8 +2,13 @@
 
 Rules (exact methods only unless the caller passes `tolerance=`):
 1. `sdpa` when the request is expressible there (no mask, causal, dense mask/bias) and any mask it
-   would have to materialize is small (at most `MAX_SDPA_MASK_ELEMENTS` entries);
-2. otherwise `blocked`, which handles every mask and bias spec with tile skipping in O(N) memory.
+   would have to materialize is small (at most `MAX_SDPA_MASK_ELEMENTS` entries), and the LSE, when
+   asked for, comes out of a fused kernel on this device and dtype (`sdpa.lse_supported`);
+2. `neighborhood` for a `masks.Neighborhood` spec without bias (its engine, or NATTEN's kernels on CUDA);
+3. otherwise, on CUDA, `flex` (compiled FlexAttention: the spec as mask_mod/score_mod and a block mask
+   from its tile ranges, forward and backward fused) when it can run the request; on CPU `flex` is not
+   chosen (its compiled kernel is forward-only there, with no LSE);
+4. otherwise `blocked`, which handles every mask and bias spec with tile skipping in O(N) memory.
 
 With a bias (`_choose_bias`), three routes compete:
 - `lowrank_bias` when the bias has an exact low-rank form under the mask (causal ALiBi, SpatialDistance,
@@ -19,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .masks import Causal
+from .masks import Causal, Neighborhood
 from .registry import Request, get
 
 MAX_SDPA_MASK_ELEMENTS = 1 << 24
@@ -53,9 +58,13 @@ def choose(req: Request, tolerance: float | None = None) -> Explanation:
             return pick
     sh = req.shape
     if req.mask is None and req.bias is None:
-        if req.return_lse and req.q.device.type != "cpu":
-            return Explanation("blocked", f"the LSE was requested and SDPA returns none on {req.q.device.type}")
-        return Explanation("sdpa", "no mask or bias: torch SDPA's fused kernel applies")
+        if not _lse_ok(req):
+            return _not_sdpa(req, f"the LSE was requested and SDPA returns none for {req.q.dtype} on "
+                                  f"{req.q.device.type}")
+        return Explanation("sdpa", "no mask or bias: torch SDPA's fused kernel applies" + _on(req))
+    if isinstance(req.mask, Neighborhood) and req.bias is None:
+        from .softmax.neighborhood import backend_choice
+        return Explanation("neighborhood", "a Neighborhood spec: " + backend_choice(req.q, req.return_lse).reason)
     if req.bias is not None:
         return _choose_bias(req)
     reason = get("sdpa").supports(req)
@@ -63,12 +72,40 @@ def choose(req: Request, tolerance: float | None = None) -> Explanation:
         materialized = isinstance(req.mask, Causal) and req.mask.align == "bottom_right" \
             and sh.N_q not in (1, sh.N_k)
         if materialized and sh.N_q * sh.N_k > MAX_SDPA_MASK_ELEMENTS:
-            return Explanation("blocked", f"bottom-right causal with N_q={sh.N_q} != N_k={sh.N_k} would need a "
-                                          f"{sh.N_q}x{sh.N_k} dense mask for SDPA; blocked skips tiles instead")
+            return _not_sdpa(req, f"bottom-right causal with N_q={sh.N_q} != N_k={sh.N_k} would need a "
+                                  f"{sh.N_q}x{sh.N_k} dense mask for SDPA", "blocked skips tiles instead")
         what = "causal" if isinstance(req.mask, Causal) else "the dense mask/bias"
-        return Explanation("sdpa", f"{what} is expressible in torch SDPA's fused kernel")
-    return Explanation("blocked", f"not expressible in SDPA ({reason}); blocked evaluates the spec per tile "
-                                  "and skips empty tiles")
+        return Explanation("sdpa", f"{what} is expressible in torch SDPA's fused kernel" + _on(req))
+    return _not_sdpa(req, f"not expressible in SDPA ({reason})",
+                     "blocked evaluates the spec per tile and skips empty tiles")
+
+
+def _on(req: Request) -> str:
+    if req.return_lse:
+        kernel = "CPU flash kernel" if req.q.device.type == "cpu" else "memory-efficient kernel"
+        return f" (the LSE from the {kernel} on {req.q.device.type})"
+    return f" (on {req.q.device.type})"
+
+
+def _lse_ok(req: Request) -> bool:
+    from .softmax.sdpa import lse_supported
+    return not req.return_lse or lse_supported(req.q.device, req.q.dtype)
+
+
+def _not_sdpa(req: Request, why: str, blocked_how: str = "blocked evaluates the spec per tile and skips "
+                                                            "empty tiles") -> Explanation:
+    """SDPA cannot run `req` (`why`): `flex` on CUDA when it can, else `blocked`."""
+    from .softmax.flex import compiled_supports
+    if req.q.device.type == "cuda":
+        flex_reason = compiled_supports(req)
+        if flex_reason is None:
+            return Explanation("flex", f"{why}; on CUDA compiled FlexAttention runs the spec fused (mask_mod/"
+                                       "score_mod, block mask from the spec's tile ranges, forward and backward)")
+        return Explanation("blocked", f"{why}, and FlexAttention cannot run it ({flex_reason}); {blocked_how}")
+    if req.q.device.type == "cpu":
+        return Explanation("blocked", f"{why}; {blocked_how} (flex is not used on CPU: its compiled kernel "
+                                      "there is forward-only, without LSE)")
+    return Explanation("blocked", f"{why}; {blocked_how}")
 
 
 def _sdpa_mask_form(req: Request) -> str | None:
@@ -95,7 +132,7 @@ def _choose_bias(req: Request) -> Explanation:
     sh, bias, mask = req.shape, req.bias, req.mask
     terms = bias.terms()
     mask_reason = _sdpa_mask_form(req)
-    lse_ok = not req.return_lse or req.q.device.type == "cpu"
+    lse_ok = _lse_ok(req)
     sdpa_ok = mask_reason is None and lse_ok
     # The CPU flash op behind return_lse=True returns no gradient for a float attn_mask.
     bias_grad = any(t.requires_grad for t in bias.tensors())
@@ -111,6 +148,14 @@ def _choose_bias(req: Request) -> Explanation:
         if isinstance(t, Factored) and t.rel_error is not None and t.rel_error > 0:
             svd_note = (f" (the factors are a truncated SVD of rank {t.rank} with relative Frobenius error "
                         f"{t.rel_error:.3g})")
+    if req.q.device.type == "cuda" and not (all(isinstance(t, DenseBias) for t in terms) and sdpa_ok):
+        from .softmax.flex import compiled_supports
+        flex_reason = compiled_supports(req)
+        if flex_reason is None:
+            return Explanation("flex", "on CUDA the bias runs fused as FlexAttention's score_mod (exact, no "
+                                       "materialized bias, no extra head-dim columns; gradients to its tensors)"
+                                       + ("" if mask is None else ", the mask as mask_mod with a block mask from "
+                                          "its tile ranges"))
     rank = bias.exact_rank(mask, sh.N_q, sh.N_k)
     if rank is not None:
         err = sum(getattr(t, "factor_error", lambda n_k: 0.0)(sh.N_k) for t in terms)

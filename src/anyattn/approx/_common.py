@@ -107,7 +107,7 @@ def fused_attention(q, k, v, mask=None, scale: float | None = None):
     shape = Shape(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3])
     scale = shape.D ** -0.5 if scale is None else scale
     attn_mask, is_causal, reason = lower(mask, None, shape)
-    if reason is None and lse_supported(q.device):
+    if reason is None and lse_supported(q.device, q.dtype):
         return sdpa_attention(q, k, v, attn_mask, is_causal, scale, shape, True)
     return blocked_attention(q, k, v, mask, None, scale, shape)
 

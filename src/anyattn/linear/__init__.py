@@ -4,7 +4,7 @@ Layout `(B, H, N, D)`, state `(B, H, D_k, D_v)` in fp32. See docs/linear.md.
 """
 from .feature_maps import (CosformerFeatures, NalaformerFeatures, PerformerFeatures, orthogonal_gaussian,
                            performer_features)
-from .ops import (MODES, alibi_slopes, delta_rule, delta_rule_step, gated_delta_rule, gated_delta_rule_step,
+from .ops import (MODES, alibi_slopes, backend_choice, delta_rule, delta_rule_step, gated_delta_rule, gated_delta_rule_step,
                   gla, gla_step, kda, kda_step, lightning, lightning_step, linear_attention,
                   linear_attention_step, retention, retention_step)
 from .mom import mom, mom_step
@@ -14,4 +14,5 @@ __all__ = [
     "lightning_step", "gla", "gla_step", "delta_rule", "delta_rule_step", "gated_delta_rule",
     "gated_delta_rule_step", "kda", "kda_step", "mom", "mom_step", "alibi_slopes", "performer_features",
     "orthogonal_gaussian", "PerformerFeatures", "CosformerFeatures", "NalaformerFeatures", "MODES",
+    "backend_choice",
 ]

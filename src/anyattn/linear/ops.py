@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from ..backends import Choice
+from ..backends import fla as fla_backend
 from ..validate import FLOAT_DTYPES, check_positive_int, check_scale, check_tensor
 from . import chunk as _chunk
 from . import recurrent as _rec
@@ -126,8 +128,29 @@ def _query_groups(q, H):
     return q.reshape(q.shape[0], H, q.shape[1] // H, *q.shape[2:])
 
 
+BACKENDS = ("auto", "anyattn", "fla")
+
+
+def backend_choice(op: str, q, k, v, mode: str = "chunk", backend: str = "auto") -> Choice:
+    """Which implementation `op` (`"gla"`, `"delta_rule"`, `"gated_delta_rule"`, `"kda"`) uses for these
+    inputs with `backend="auto"` (or the one forced), and why."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    why = "mode='recurrent' is anyattn's token loop" if mode != "chunk" else fla_backend.unavailable(op, q, k, v)
+    if backend == "fla" and why is not None:
+        raise ValueError(f"backend='fla' cannot run {op} here: {why}")
+    if backend != "anyattn" and why is None:
+        return Choice("fla", f"fla's Triton chunk kernel ({fla_backend.OPS[op][1]}) on {q.device.type}, layout "
+                             "(B, H, N, D) <-> (B, N, H, D)")
+    return Choice("anyattn", f"anyattn's {mode} engine" + ("" if backend == "anyattn" else f" (fla not used: {why})"))
+
+
 def _run(q, k, v, *, g=None, beta=None, delta=False, scale=None, initial_state=None,
-         output_final_state=False, mode="chunk", chunk_size=64):
+         output_final_state=False, mode="chunk", chunk_size=64, op=None, backend="auto"):
+    if op is not None and backend_choice(op, q, k, v, mode, backend).backend == "fla":
+        o, S = fla_backend.chunk(op, q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                 output_final_state=output_final_state)
+        return (o, S) if output_final_state else o
     dt = _compute_dtype(q)
     out_dtype = q.dtype
     B, Hq, N, _ = q.shape
@@ -240,7 +263,8 @@ def linear_attention_step(q_t, k_t, v_t, state=None, feature_map="elu1", normali
 
 # ---------------------------------------------------------------------------- retention, lightning
 
-def _gated(q, k, v, g, kind, beta, scale, initial_state, output_final_state, mode, chunk_size):
+def _gated(q, k, v, g, kind, beta, scale, initial_state, output_final_state, mode, chunk_size, op=None,
+           backend="auto"):
     """Checks and runs a gated op: g of `kind` ("head", "vector", "scalar"); beta None (decay family)
     or `(B, H, N)` (delta family)."""
     _check_qkv(q, k, v)
@@ -248,7 +272,7 @@ def _gated(q, k, v, g, kind, beta, scale, initial_state, output_final_state, mod
     beta = None if beta is None else _check_beta("beta", beta, k)
     scale = _check_common(q, k, v, scale, initial_state, mode, chunk_size, output_final_state)
     return _run(q, k, v, g=g, beta=beta, delta=beta is not None, scale=scale, initial_state=initial_state,
-                output_final_state=output_final_state, mode=mode, chunk_size=chunk_size)
+                output_final_state=output_final_state, mode=mode, chunk_size=chunk_size, op=op, backend=backend)
 
 
 def _gated_step(q_t, k_t, v_t, g, kind, beta_t, state, scale, g_name="g_t"):
@@ -322,10 +346,13 @@ def lightning_step(q_t, k_t, v_t, state=None, slopes=None, *, scale=None):
 # -------------------------------------------------------------------------------------------- GLA
 
 def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state: bool = False,
-        mode: str = "chunk", chunk_size: int = 64):
+        mode: str = "chunk", chunk_size: int = 64, backend: str = "auto"):
     """Gated Linear Attention (Yang et al., 2024): `S_t = Diag(exp(g_t)) S_{t-1} + k_t v_t^T`,
-    `o_t = scale * S_t^T q_t`. g <= 0 of shape `(B, H, N, D_k)` (per key channel log-decay)."""
-    return _gated(q, k, v, g, "vector", None, scale, initial_state, output_final_state, mode, chunk_size)
+    `o_t = scale * S_t^T q_t`. g <= 0 of shape `(B, H, N, D_k)` (per key channel log-decay).
+    backend: "auto" (fla's Triton chunk kernel on CUDA when installed, else anyattn's engine; see
+    `backend_choice`), "anyattn" or "fla"."""
+    return _gated(q, k, v, g, "vector", None, scale, initial_state, output_final_state, mode, chunk_size,
+                  "gla", backend)
 
 
 def gla_step(q_t, k_t, v_t, g_t, state=None, *, scale=None):
@@ -340,15 +367,18 @@ def _check_beta(name, beta, ref, step=False):
 
 
 def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state: bool = False,
-               mode: str = "chunk", chunk_size: int = 64):
+               mode: str = "chunk", chunk_size: int = 64, backend: str = "auto"):
     """DeltaNet (Schlag et al., 2021; chunkwise: Yang et al., 2024):
     `S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T`, `o_t = scale * S_t^T q_t`.
-    beta `(B, H, N)`. q and k are used as given (L2-normalize them beforehand for stability)."""
+    beta `(B, H, N)`. q and k are used as given (L2-normalize them beforehand for stability).
+    backend: "auto" (fla's Triton chunk kernel on CUDA when installed, else anyattn's engine; see
+    `backend_choice`), "anyattn" or "fla"."""
     _check_qkv(q, k, v)
     beta = _check_beta("beta", beta, k)
     scale = _check_common(q, k, v, scale, initial_state, mode, chunk_size, output_final_state)
     return _run(q, k, v, beta=beta, delta=True, scale=scale, initial_state=initial_state,
-                output_final_state=output_final_state, mode=mode, chunk_size=chunk_size)
+                output_final_state=output_final_state, mode=mode, chunk_size=chunk_size, op="delta_rule",
+                backend=backend)
 
 
 def delta_rule_step(q_t, k_t, v_t, beta_t, state=None, *, scale=None):
@@ -359,10 +389,13 @@ def delta_rule_step(q_t, k_t, v_t, beta_t, state=None, *, scale=None):
 
 
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state: bool = False,
-                     mode: str = "chunk", chunk_size: int = 64):
+                     mode: str = "chunk", chunk_size: int = 64, backend: str = "auto"):
     """Gated DeltaNet (Yang et al., 2025): `S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T`,
-    `o_t = scale * S_t^T q_t`. g <= 0 `(B, H, N)` (scalar log-decay per token), beta `(B, H, N)`."""
-    return _gated(q, k, v, g, "scalar", beta, scale, initial_state, output_final_state, mode, chunk_size)
+    `o_t = scale * S_t^T q_t`. g <= 0 `(B, H, N)` (scalar log-decay per token), beta `(B, H, N)`.
+    backend: "auto" (fla's Triton chunk kernel on CUDA when installed, else anyattn's engine; see
+    `backend_choice`), "anyattn" or "fla"."""
+    return _gated(q, k, v, g, "scalar", beta, scale, initial_state, output_final_state, mode, chunk_size,
+                  "gated_delta_rule", backend)
 
 
 def gated_delta_rule_step(q_t, k_t, v_t, g_t, beta_t, state=None, *, scale=None):
@@ -371,11 +404,14 @@ def gated_delta_rule_step(q_t, k_t, v_t, g_t, beta_t, state=None, *, scale=None)
 
 
 def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state: bool = False,
-        mode: str = "chunk", chunk_size: int = 64):
+        mode: str = "chunk", chunk_size: int = 64, backend: str = "auto"):
     """Kimi Delta Attention (Kimi Linear, 2025):
     `S_t = (I - beta_t k_t k_t^T) Diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T`, `o_t = scale * S_t^T q_t`.
-    g <= 0 `(B, H, N, D_k)` (per key channel log-decay), beta `(B, H, N)`."""
-    return _gated(q, k, v, g, "vector", beta, scale, initial_state, output_final_state, mode, chunk_size)
+    g <= 0 `(B, H, N, D_k)` (per key channel log-decay), beta `(B, H, N)`.
+    backend: "auto" (fla's Triton chunk kernel on CUDA when installed, else anyattn's engine; see
+    `backend_choice`), "anyattn" or "fla"."""
+    return _gated(q, k, v, g, "vector", beta, scale, initial_state, output_final_state, mode, chunk_size,
+                  "kda", backend)
 
 
 def kda_step(q_t, k_t, v_t, g_t, beta_t, state=None, *, scale=None):

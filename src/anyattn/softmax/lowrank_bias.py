@@ -240,7 +240,7 @@ def lowrank_bias_attention(q, k, v, mask, bias, scale: float, shape: Shape, retu
     None)`; see the module docstring."""
     sh = shape
     if band and engine != "blocked" and _band_applies(bias, mask, q, sh) and \
-            (not return_lse or lse_supported(q.device)):
+            (not return_lse or lse_supported(q.device, torch.promote_types(q.dtype, torch.float32))):
         windows = alibi_windows(bias.slopes, q, k, scale, sh)
         if band_groups(windows, sh.N_k)[0]:
             out, lse = alibi_band_attention(q, k, v, bias, windows, scale, sh, return_lse)
@@ -275,7 +275,7 @@ def lowrank_bias_attention(q, k, v, mask, bias, scale: float, shape: Shape, retu
     if reason is None and return_lse and residual is not None and any(t.requires_grad for t in residual.tensors()):
         reason = "the CPU flash op behind return_lse=True gives no gradient to the residual (materialized) bias"
     if engine == "auto":
-        engine = "sdpa" if reason is None and (not return_lse or lse_supported(q.device)) else "blocked"
+        engine = "sdpa" if reason is None and (not return_lse or lse_supported(q.device, work)) else "blocked"
     elif engine == "sdpa" and reason is not None:
         raise ValueError(f"engine='sdpa' cannot run this request: {reason}")
     if engine == "sdpa":

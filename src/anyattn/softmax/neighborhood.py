@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..backends import Choice
+from ..backends import natten as natten_backend
 from ..lse import merge
 from ..masks import Dense
 from ..masks.neighborhood import group_sizes, normalize_args, window
@@ -39,7 +41,7 @@ from ..validate import Shape, check_qkv, check_same_device_dtype, check_scale, c
 from .blocked import blocked_attention
 from .sdpa import lse_supported, sdpa_attention
 
-BACKENDS = ("auto", "sdpa", "blocked")
+BACKENDS = ("auto", "sdpa", "blocked", "natten")
 
 
 @dataclass(frozen=True)
@@ -300,8 +302,10 @@ def neighborhood(q, k, v, kernel_size, dilation=1, stride=1, is_causal=False, *,
     (keys up to the query, no shifting). Requires `k * d <= n` and `s <= k` on every axis.
     additional_k `(B, H_kv, N_add, D)`, additional_v `(B, H_kv, N_add, D_v)`: extra tokens that every
     query also attends (merged by log-sum-exp). scale defaults to `D ** -0.5`.
-    tile: query tile per axis in dilation-group coordinates (default: `default_tiles`); backend: "auto",
-    "sdpa" (torch SDPA; LSE only on CPU) or "blocked" (anyattn's tiled engine).
+    tile: query tile per axis in dilation-group coordinates (default: `default_tiles`); backend: "auto"
+    (NATTEN's fused kernels on CUDA when installed, else anyattn's engine through SDPA; see
+    `backend_choice`), "natten", "sdpa" (anyattn's engine on torch SDPA) or "blocked" (anyattn's tiled
+    engine).
 
     Returns out `(B, H, *spatial, D_v)`, or `(out, lse)` with lse `(B, H, *spatial)` when return_lse.
     Reference: Hassani et al., "Neighborhood Attention Transformer" (CVPR 2023) and "Dilated
@@ -314,6 +318,14 @@ def neighborhood(q, k, v, kernel_size, dilation=1, stride=1, is_causal=False, *,
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    use_natten = backend == "natten" or (backend == "auto" and tile is None and natten_backend.unavailable(q) is None)
+    if use_natten:
+        why = natten_backend.unavailable(q)
+        if why is not None:
+            raise ValueError(f"backend='natten' cannot run here: {why}")
+        out, lse = natten_backend.neighborhood(q, k, v, ks, ds, ss, cs, scale=scale, additional_k=additional_k,
+                                               additional_v=additional_v, return_lse=return_lse)
+        return (out, lse) if return_lse else out
     m = len(spatial)
     if tile is None:
         tiles = default_tiles(tuple(spatial), ks, ds, ss)
@@ -323,7 +335,7 @@ def neighborhood(q, k, v, kernel_size, dilation=1, stride=1, is_causal=False, *,
             raise ValueError(f"tile must be a positive int or a sequence of {m} positive ints, got {tile!r}")
     dtype = q.dtype
     device = q.device
-    cpu_fast = lse_supported(device)
+    cpu_fast = lse_supported(device, dtype)  # a fused kernel with a differentiable LSE (CPU flash, CUDA efficient)
     need_lse = return_lse or n_add > 0
     fused = backend != "blocked" and (cpu_fast or not need_lse)  # SDPA runs it (else: blocked)
     work = dtype if fused else torch.promote_types(dtype, torch.float32)
@@ -360,7 +372,7 @@ def neighborhood(q, k, v, kernel_size, dilation=1, stride=1, is_causal=False, *,
         N = math.prod(spatial)
         qf = q.reshape(B, H, N, D)
         ashape = Shape(B, H, H_kv, N, n_add, D, D_v)
-        if lse_supported(device) and backend != "blocked":
+        if lse_supported(device, dtype) and backend != "blocked":
             out_a, lse_a = sdpa_attention(qf, additional_k, additional_v, None, False, scale, ashape, True)
         else:
             out_a, lse_a = blocked_attention(qf, additional_k, additional_v, None, None, scale, ashape)
@@ -372,6 +384,17 @@ def neighborhood(q, k, v, kernel_size, dilation=1, stride=1, is_causal=False, *,
     if return_lse:
         return out, lse
     return out
+
+
+def backend_choice(q, return_lse: bool = False) -> Choice:
+    """Which implementation `neighborhood(..., backend="auto")` uses for inputs like q, and why."""
+    why = natten_backend.unavailable(q)
+    if why is None:
+        return Choice("natten", f"NATTEN's fused kernels on {q.device.type} (installed; layout converted)")
+    fused = lse_supported(q.device, q.dtype) or not return_lse
+    engine = "query tiles x key halos in one fused SDPA call" if fused else "query tiles x key halos on the " \
+                                                                           "blocked engine (LSE)"
+    return Choice("anyattn", f"anyattn's engine: {engine} (NATTEN not used: {why})")
 
 
 # ---------------------------------------------------------------- `anyattn.attention(method="neighborhood")`

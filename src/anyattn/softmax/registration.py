@@ -14,11 +14,11 @@ def _reference(req: Request):
 
 def _sdpa_supports(req: Request):
     _, _, reason = lower(req.mask, req.bias, req.shape, check_only=True)
-    if reason is None and req.return_lse and not lse_supported(req.q.device):
-        reason = f"SDPA returns no LSE on {req.q.device.type} here"
+    if reason is None and req.return_lse and not lse_supported(req.q.device, req.q.dtype):
+        reason = f"SDPA returns no LSE for {req.q.dtype} on {req.q.device.type} here"
     if reason is None and req.return_lse and req.bias is not None and \
             any(t.requires_grad for t in req.bias.tensors()):
-        reason = "SDPA's LSE path (the CPU flash op) returns no gradient for the bias; use 'blocked' or 'lowrank_bias'"
+        reason = "SDPA's LSE path (the fused kernel called with its LSE) returns no gradient for the bias; use 'blocked' or 'lowrank_bias'"
     return reason
 
 

@@ -1,10 +1,12 @@
 """Route to `torch.nn.functional.scaled_dot_product_attention` when the request is expressible there:
 no mask, causal in either alignment, a dense bool mask, and (issue "bias") a dense additive bias.
 
-LSE: on CPU, `torch.ops.aten._scaled_dot_product_flash_attention_for_cpu` returns it; its autograd
-formula ignores the LSE's gradient, so `_FlashCPU` calls the op's backward itself and folds the LSE
-gradient in exactly (see `_FlashCPU.backward`). On other devices `sdpa` cannot return the LSE here
-(the CUDA ops that return it are not exercised without a GPU) and says so; `auto` then uses `blocked`.
+LSE: a fused kernel that returns it, per device: on CPU `aten._scaled_dot_product_flash_attention_for_cpu`
+(every float dtype), on CUDA `aten._scaled_dot_product_efficient_attention` (fp32/bf16/fp16; it takes the
+float bias too). Their autograd formulas ignore the LSE's gradient, so `_FusedLSE` calls the kernel's
+backward itself and folds the LSE gradient in exactly (see `_FusedLSE`). Elsewhere (and for float64 on
+CUDA) `sdpa` returns no LSE and says so; `auto` then uses another method. The CUDA path is checked for
+shapes on the `meta` device here and against the oracle by `scripts/gpu-check.sh` on a GPU.
 
 Fully masked query rows return 0 and LSE -inf, as everywhere in anyattn.
 """
@@ -71,46 +73,109 @@ def _float_mask(attn_mask, dtype):
     return torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill_(~attn_mask, NEG_INF)
 
 
-class _FlashCPU(torch.autograd.Function):
-    """CPU flash attention with a differentiable LSE. Inputs share one head dim W (zero-padded)."""
+def _round8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+class _CpuFlash:
+    """CPU: `_scaled_dot_product_flash_attention_for_cpu` (any float dtype, float attn_mask)."""
+
+    width = staticmethod(lambda w: w)
+
+    @staticmethod
+    def forward(q, k, v, attn_mask, is_causal, scale):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
+        return out, lse, lse, ()
+
+    @staticmethod
+    def backward(dout, q, k, v, out, lse_raw, extra, attn_mask, is_causal, scale):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse_raw, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
+
+
+class _CudaEfficient:
+    """CUDA (and `meta`, for shape checks): the memory-efficient kernel, which takes a float bias and
+    returns the LSE (padded to a multiple of 32 queries); fp32/bf16/fp16. Head dims are padded to a
+    multiple of 8 and a bias's last dim is stored with a stride that is a multiple of 16 (its alignment
+    rules)."""
+
+    width = staticmethod(_round8)
+
+    @staticmethod
+    def forward(q, k, v, attn_mask, is_causal, scale):
+        if attn_mask is not None:
+            n_k = attn_mask.shape[-1]
+            pad = -n_k % 16
+            attn_mask = F.pad(attn_mask, (0, pad))[..., :n_k] if pad else attn_mask.contiguous()
+        out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, attn_mask, True, 0.0, is_causal, scale=scale)
+        return out, lse[..., :q.shape[-2]], lse, (seed, offset, attn_mask)
+
+    @staticmethod
+    def backward(dout, q, k, v, out, lse_raw, extra, attn_mask, is_causal, scale):
+        seed, offset, aligned_mask = extra
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            dout.contiguous(), q, k, v, aligned_mask, out, lse_raw, seed, offset, 0.0, [True, True, True, False],
+            is_causal, scale=scale)
+        return dq, dk, dv
+
+
+_LSE_KERNELS = {"cpu": _CpuFlash, "cuda": _CudaEfficient, "meta": _CudaEfficient}
+_LSE_DTYPES = {"cpu": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
+               "cuda": (torch.float32, torch.bfloat16, torch.float16),
+               "meta": (torch.float32, torch.bfloat16, torch.float16)}
+
+
+class _FusedLSE(torch.autograd.Function):
+    """A fused SDPA kernel with a differentiable LSE. Inputs share one head dim W (zero-padded).
+
+    The kernels' autograd formulas ignore the LSE's gradient, so the backward calls the kernel's
+    backward itself and folds it in exactly: d lse_i / d s_ij = p_ij, i.e. ds_ij = p_ij (dp_ij - delta_i
+    + dlse_i); a value column of ones makes dp gain dlse_i, and its output column is reported as 0 so
+    delta is unchanged. Rows without keys (LSE -inf) recompute with LSE +inf: their probabilities and
+    gradients are 0."""
 
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, is_causal, scale, d_v):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse, attn_mask)
+        kern = _LSE_KERNELS[q.device.type]
+        out, lse, lse_raw, extra = kern.forward(q, k, v, attn_mask, is_causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse_raw, attn_mask)
+        ctx.extra, ctx.kern = extra, kern
         ctx.is_causal, ctx.scale, ctx.d_v = is_causal, scale, d_v
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, attn_mask = ctx.saved_tensors
+        q, k, v, out, lse_raw, attn_mask = ctx.saved_tensors
+        kern = ctx.kern
         if dout is None:
             dout = torch.zeros_like(out)
-        if dlse is not None:
-            # d lse_i / d s_ij = p_ij, i.e. ds_ij = p_ij (dp_ij - delta_i + dlse_i). Append a value
-            # column of ones (dp gains dlse_i) whose output column is reported as 0 (delta unchanged).
-            W, dv_ = q.shape[-1], ctx.d_v
-            Wa = max(W, dv_ + 1)
-            col = torch.zeros(v.shape[:-1] + (1,), dtype=v.dtype, device=v.device)
-            v_aug = torch.cat([v[..., :dv_], col + 1, torch.zeros(v.shape[:-1] + (Wa - dv_ - 1,), dtype=v.dtype,
-                                                                 device=v.device)], -1)
-            o_aug = _pad_last(out[..., :dv_], Wa)
-            do_aug = torch.cat([dout[..., :dv_], dlse.unsqueeze(-1).to(dout.dtype),
-                                torch.zeros(dout.shape[:-1] + (Wa - dv_ - 1,), dtype=dout.dtype, device=dout.device)], -1)
-            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                do_aug, _pad_last(q, Wa), _pad_last(k, Wa), v_aug, o_aug, lse, 0.0, ctx.is_causal,
-                attn_mask=attn_mask, scale=ctx.scale)
-            dq, dk, dv = dq[..., :W], dk[..., :W], _pad_last(dv[..., :dv_], W)
-        else:
-            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                dout, q, k, v, out, lse, 0.0, ctx.is_causal, attn_mask=attn_mask, scale=ctx.scale)
-        return dq, dk, dv, None, None, None, None
+        lse_raw = lse_raw.masked_fill(lse_raw == NEG_INF, float("inf"))
+        if dlse is None:
+            dq, dk, dv = kern.backward(dout, q, k, v, out, lse_raw, ctx.extra, attn_mask, ctx.is_causal, ctx.scale)
+            return dq, dk, dv, None, None, None, None
+        W, dv_ = q.shape[-1], ctx.d_v
+        Wa = kern.width(max(W, dv_ + 1))
+
+        def widen(x, col):  # x[..., :dv_], then the extra column, then zeros up to Wa
+            parts = [x[..., :dv_], col, x.new_zeros(x.shape[:-1] + (Wa - dv_ - 1,))]
+            return torch.cat(parts, -1)
+        ones = v.new_ones(v.shape[:-1] + (1,))
+        v_aug = widen(v, ones)
+        o_aug = widen(out, out.new_zeros(out.shape[:-1] + (1,)))
+        do_aug = widen(dout, dlse.unsqueeze(-1).to(dout.dtype))
+        dq, dk, dv = kern.backward(do_aug, _pad_last(q, Wa), _pad_last(k, Wa), v_aug, o_aug, lse_raw, ctx.extra,
+                                   attn_mask, ctx.is_causal, ctx.scale)
+        return dq[..., :W], dk[..., :W], _pad_last(dv[..., :dv_], W), None, None, None, None
 
 
-def lse_supported(device: torch.device) -> bool:
-    return device.type == "cpu"
+def lse_supported(device: torch.device, dtype: torch.dtype | None = None) -> bool:
+    """Whether `sdpa` returns a differentiable LSE for inputs on `device` (of `dtype`): the CPU flash op
+    (every float dtype), the CUDA memory-efficient kernel (fp32/bf16/fp16)."""
+    dtypes = _LSE_DTYPES.get(torch.device(device).type)
+    return dtypes is not None and (dtype is None or dtype in dtypes)
 
 
 def sdpa_attention(q, k, v, attn_mask, is_causal: bool, scale: float, shape: Shape, return_lse: bool):
@@ -130,17 +195,17 @@ def sdpa_attention(q, k, v, attn_mask, is_causal: bool, scale: float, shape: Sha
         if empty is not None:
             out = out.masked_fill(empty, 0.0)
         return out, None
-    if not lse_supported(q.device):
-        raise ValueError(f"method='sdpa' cannot return the LSE on device {q.device.type!r}; "
+    if not lse_supported(q.device, q.dtype):
+        raise ValueError(f"method='sdpa' cannot return the LSE for {q.dtype} on device {q.device.type!r}; "
                          "use method='blocked' (or 'auto') with return_lse=True")
-    W = max(shape.D, shape.D_v)
+    W = _LSE_KERNELS[q.device.type].width(max(shape.D, shape.D_v))
     if G > 1:
         k = k.repeat_interleave(G, dim=1)
         v = v.repeat_interleave(G, dim=1)
     fmask = _float_mask(attn_mask, q.dtype)
     if fmask is not None:
         fmask = fmask.expand(shape.B, shape.H, shape.N_q, shape.N_k)
-    out, lse = _FlashCPU.apply(_pad_last(q, W), _pad_last(k, W), _pad_last(v, W), fmask, is_causal, scale, shape.D_v)
+    out, lse = _FusedLSE.apply(_pad_last(q, W), _pad_last(k, W), _pad_last(v, W), fmask, is_causal, scale, shape.D_v)
     out = out[..., :shape.D_v]
     if empty is not None:
         e = empty.expand(shape.B, shape.H, shape.N_q, 1)

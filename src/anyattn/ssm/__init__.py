@@ -5,11 +5,11 @@ from .long_conv import fft_conv, long_conv, smooth_kernel, squash_kernel
 from .recurrent import (LongConvState, long_conv_ref, long_conv_step, s4d_ref, s4d_step, selective_scan_ref,
                         selective_scan_step, ssd_ref, ssd_step)
 from .s4d import s4d, s4d_inv_init, s4d_kernel, s4d_lin_init
-from .selective_scan import selective_scan, selective_scan_fn
+from .selective_scan import backend_choice, selective_scan, selective_scan_fn
 from .ssd import ssd
 
 __all__ = [
-    "selective_scan", "selective_scan_fn", "selective_scan_step", "selective_scan_ref",
+    "selective_scan", "selective_scan_fn", "backend_choice", "selective_scan_step", "selective_scan_ref",
     "ssd", "ssd_step", "ssd_ref",
     "s4d", "s4d_kernel", "s4d_step", "s4d_ref", "s4d_lin_init", "s4d_inv_init",
     "long_conv", "long_conv_step", "long_conv_ref", "LongConvState", "fft_conv", "squash_kernel", "smooth_kernel",

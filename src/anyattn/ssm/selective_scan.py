@@ -26,10 +26,12 @@ import shutil
 import torch
 import torch.nn.functional as F
 
+from ..backends import Choice
+from ..backends import mamba as mamba_backend
 from ._checks import check_float, check_mode, check_positive_int, check_shape, check_tensor, compute_dtype
 from .recurrent import selective_scan_recurrent_core
 
-__all__ = ["selective_scan", "selective_scan_fn"]
+__all__ = ["selective_scan", "selective_scan_fn", "backend_choice"]
 
 _SPAN_LIMIT = {torch.float32: 60.0, torch.float64: 600.0}
 _LOG_FLOOR = {torch.float32: -60.0, torch.float64: -600.0}
@@ -241,7 +243,7 @@ def _check_bc(name, X, u, Bsz, Dm, N, L):
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus: bool = False, *,
                    initial_state=None, output_final_state: bool = False, return_last_state: bool | None = None,
-                   mode: str = "chunk", chunk_size: int = 32, compile="auto"):
+                   mode: str = "chunk", chunk_size: int = 32, compile="auto", backend: str = "auto"):
     """Mamba's selective scan, `mamba_ssm.selective_scan_fn`-compatible.
 
     u, delta `(B, D, L)`; A `(D, N)` real (negative for a stable scan); B, C `(B, N, L)` or grouped
@@ -254,6 +256,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     first call per shape compiles, and the eager path is the fallback where compilation fails);
     `"auto"` (default) does so for CPU calls without gradients with `B*D*L*N >= 2**24` when a C++
     compiler is present (`ANYATTN_NO_COMPILE=1` turns it off); `False`: always eager.
+    backend: "auto" (mamba-ssm's fused CUDA kernel when installed and the call fits, see `backend_choice`;
+    else anyattn's engine), "anyattn" or "mamba".
     """
     if compile not in (True, False, "auto"):
         raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
@@ -289,6 +293,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         check_shape("initial_state", initial_state, (Bsz, Dm, N), "(B, D, N)")
     check_mode(mode)
     check_positive_int("chunk_size", chunk_size)
+    if mode == "chunk" and backend_choice(u, initial_state, backend).backend == "mamba":
+        return mamba_backend.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, output_final_state)
 
     cd = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     G = Bg.shape[1]
@@ -313,6 +319,21 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         y = y * F.silu(z.to(cd))
     y = y.to(u.dtype)
     return (y, last.reshape(Bsz, Dm, N)) if output_final_state else y
+
+
+BACKENDS = ("auto", "anyattn", "mamba")
+
+
+def backend_choice(u, initial_state=None, backend: str = "auto") -> Choice:
+    """Which implementation `selective_scan(mode="chunk", backend=backend)` uses for inputs like u, and why."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    why = mamba_backend.unavailable(u, initial_state)
+    if backend == "mamba" and why is not None:
+        raise ValueError(f"backend='mamba' cannot run this scan: {why}")
+    if backend != "anyattn" and why is None:
+        return Choice("mamba", f"mamba-ssm's fused selective_scan_fn on {u.device.type}")
+    return Choice("anyattn", "anyattn's chunked scan" + ("" if backend == "anyattn" else f" (mamba-ssm not used: {why})"))
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
