@@ -23,7 +23,7 @@ Devices (torch 2.13; see docs/gpu.md):
   therefore refuses `return_lse=True`, inputs that require grad (use `blocked`, the CPU training path)
   and float64 on CPU, saying so. Fully masked rows get output 0 from the CPU kernel.
 - `compile=False` runs FlexAttention's eager path: it materializes the scores (quadratic memory), but
-  has the LSE and a backward on every device and takes float64; it is for tests and debugging.
+  returns the LSE on every device and takes float64 (backward: CUDA only); for tests and debugging.
 """
 from __future__ import annotations
 
@@ -190,6 +190,8 @@ def _run(req: Request, compile: bool = True):
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
     reason = compiled_supports(req) if compile else _supports(req)
+    if reason is None and not compile and req.q.device.type == "cpu" and _wants_grad(req):
+        reason = "FlexAttention has no backward on CPU (eager or compiled); 'blocked' is the CPU training path"
     if reason is not None:
         raise ValueError(f"method='flex' cannot run this request: {reason}")
     return flex_attention(req.q, req.k, req.v, req.mask, req.bias, req.scale, req.shape, req.return_lse, compile)
@@ -198,5 +200,5 @@ def _run(req: Request, compile: bool = True):
 register(Method("flex", True, "torch FlexAttention (compiled): every mask/bias spec as mask_mod/score_mod with a "
                 "block mask from the spec's tile ranges; CUDA: forward+backward+LSE; CPU: forward only",
                 _supports, _run,
-                {"compile": "False runs FlexAttention's eager path (quadratic memory; LSE and backward on every "
-                            "device; for tests)"}))
+                {"compile": "False runs FlexAttention's eager path (quadratic memory; LSE on every device, "
+                            "float64; for tests)"}))
