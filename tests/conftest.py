@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-from device_mode import TEST_DEVICE, TestDeviceMode
+from device_mode import TEST_DEVICE, DeviceMode
 
 # Keep property-based tests fast and deterministic on 2 cores.
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True, print_blob=True)
@@ -36,7 +36,7 @@ def _test_device_mode():
     if TEST_DEVICE.type == "cpu":
         yield
         return
-    with TestDeviceMode(TEST_DEVICE):
+    with DeviceMode(TEST_DEVICE):
         yield
 
 

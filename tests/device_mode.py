@@ -1,6 +1,6 @@
 """`ANYATTN_TEST_DEVICE=cuda` runs the whole suite on a GPU (default: cpu).
 
-`TestDeviceMode` is a torch function mode that puts the tensors *test code* creates on that device:
+`DeviceMode` is a torch function mode that puts the tensors *test code* creates on that device:
 a factory call (`torch.randn`, `torch.zeros`, `torch.tensor`, ...) made from a file under `tests/`
 without `device=` gets `device=TEST_DEVICE`; one that draws from a CPU `torch.Generator` is drawn on
 the CPU (the same numbers as the CPU suite) and then moved. Factory calls made by anyattn itself are
@@ -28,7 +28,7 @@ def _called_from_tests() -> bool:
     return f is not None and os.path.abspath(f.f_code.co_filename).startswith(_TESTS_DIR)
 
 
-class TestDeviceMode(TorchFunctionMode):
+class DeviceMode(TorchFunctionMode):
     def __init__(self, device: torch.device):
         super().__init__()
         self.device = torch.device(device)

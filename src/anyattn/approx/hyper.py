@@ -40,7 +40,7 @@ DEFAULT_MIN_SEQ_LEN = 4096
 
 def gray_rank(r: int, device=None) -> torch.Tensor:
     """`rank[code]` = position of the r-bit `code` in the reflected Gray sequence (`gray(n) = n ^ (n >> 1)`)."""
-    n = torch.arange(1 << r)
+    n = torch.arange(1 << r, device=device)
     gray = n ^ (n >> 1)
     rank = torch.empty_like(n)
     rank[gray] = n
@@ -73,14 +73,15 @@ class Plan:
 def make_plan(q, k, block_size: int, sample_size: int, lsh_num_projs: int, gen: torch.Generator) -> Plan:
     B, H, N_q, D = q.shape
     N_k = k.shape[2]
-    w = torch.randn(D, lsh_num_projs, generator=gen, dtype=torch.float64).to(q.device)
+    w = torch.randn(D, lsh_num_projs, generator=gen,
+                    dtype=torch.float64).to(q.device)  # host: seeded CPU generator (same draws everywhere)
     with torch.no_grad():
         q_order = torch.argsort(lsh_buckets(q, w), dim=-1, stable=True)
         k_order = torch.argsort(lsh_buckets(k, w), dim=-1, stable=True)
     nb = -(-N_k // block_size)
     block_k = -(-N_k // nb)
     block_q = -(-N_q // nb)
-    samples = torch.randint(N_k, (B, H, sample_size), generator=gen).to(q.device)
+    samples = torch.randint(N_k, (B, H, sample_size), generator=gen).to(q.device)  # host: seeded CPU generator
     return Plan(q_order, k_order, samples, block_q, block_k, nb, N_k / sample_size)
 
 

@@ -42,7 +42,7 @@ def estimate_error(req: Request, name: str, sample_rows: int = SAMPLE_ROWS) -> f
 
     sh = req.shape
     g = torch.Generator().manual_seed(0)
-    rows = torch.randperm(sh.N_q, generator=g)[:min(sample_rows, sh.N_q)].sort().values.to(req.q.device)
+    rows = torch.randperm(sh.N_q, generator=g)[:min(sample_rows, sh.N_q)].sort().values.to(req.q.device)  # host: seeded
     rmask = _rows_mask(req, rows)
     if req.mask is not None and rmask is None:
         return None

@@ -39,7 +39,7 @@ class _Group:
         self.proj = None
         if proj is not None:
             pdt = cache.proj_dtype
-            hs = self.heads_t.cpu()
+            hs = self.heads_t.cpu()  # host: indexes host-side projection tables
             self.proj = (proj.basis_k[hs][:, :, :d_k].to(dev, pdt).contiguous(), proj.mu_k[hs].to(dev, pdt),
                          proj.basis_v[hs][:, :, :d_v].to(dev, pdt).contiguous(), proj.mu_v[hs].to(dev, pdt))
         self.k = self.v = self.k_scale = self.v_scale = None
@@ -343,7 +343,7 @@ class KVCache:
         """Reorder / select / repeat sequences (beam search): new sequence i is old sequence `index[i]`.
         index: `(B',)` integer tensor or list; the batch size becomes B'."""
         if not isinstance(index, torch.Tensor):
-            index = torch.tensor(list(index), dtype=torch.long)
+            index = torch.tensor(list(index), dtype=torch.long)  # host: a Python list, moved below
         check_tensor("index", index, 1)
         if index.dtype.is_floating_point or index.dtype == torch.bool:
             raise TypeError(f"index must be an integer tensor, got {index.dtype}")

@@ -134,8 +134,8 @@ class PCACalibrator:
         if v.shape[:3] != k.shape[:3] or v.shape[3] != self.Dv:
             raise ValueError(f"v must have shape (B, H_kv={self.H}, N={k.shape[2]}, D_v={self.Dv}) matching k, "
                              f"got {tuple(v.shape)}")
-        kk = k.detach().double().transpose(0, 1).reshape(self.H, -1, self.D).cpu()
-        vv = v.detach().double().transpose(0, 1).reshape(self.H, -1, self.Dv).cpu()
+        kk = k.detach().double().transpose(0, 1).reshape(self.H, -1, self.D).cpu()  # host: float64 statistics
+        vv = v.detach().double().transpose(0, 1).reshape(self.H, -1, self.Dv).cpu()  # host: float64 statistics
         self.n += kk.shape[1]
         self.sk += kk.sum(1)
         self.sv += vv.sum(1)

@@ -35,11 +35,11 @@ def orthogonal_gaussian(m: int, d: int, generator: torch.Generator | None = None
     norms are distributed as the norms of d-dimensional standard Gaussian vectors (chi(d)), as in
     FAVOR+. Drawn on CPU from `generator` (seedable), then moved to `device`."""
     nblocks = -(-m // d)
-    g = torch.randn(nblocks, d, d, generator=generator, dtype=torch.float64)
+    g = torch.randn(nblocks, d, d, generator=generator, dtype=torch.float64)  # host: seeded CPU draw
     qmat, r = torch.linalg.qr(g)
     qmat = qmat * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]  # Haar-uniform (sign-fixed QR)
     w = qmat.transpose(-1, -2).reshape(nblocks * d, d)[:m]
-    norms = torch.randn(m, d, generator=generator, dtype=torch.float64).norm(dim=1, keepdim=True)
+    norms = torch.randn(m, d, generator=generator, dtype=torch.float64).norm(dim=1, keepdim=True)  # host: seeded
     return (w * norms).to(dtype=dtype, device=device)
 
 

@@ -311,7 +311,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     else:
         p = 2 ** math.floor(math.log2(num_heads))
         s = pow2(p) + pow2(2 * p)[0::2][: num_heads - p]
-    return torch.tensor(s, dtype=torch.float32)
+    return torch.tensor(s, dtype=torch.float32)  # host: callers move it
 
 
 def _lightning_g(k, slopes, step=False):

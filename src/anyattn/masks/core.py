@@ -143,7 +143,7 @@ class KeyPadding(Mask):
 
     def __init__(self, lengths):
         if isinstance(lengths, (list, tuple)):
-            lengths = torch.tensor(lengths, dtype=torch.long)
+            lengths = torch.tensor(lengths, dtype=torch.long)  # host: from a Python list
         check_tensor("KeyPadding lengths", lengths, 1)
         if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
             raise TypeError(f"KeyPadding lengths must be an integer tensor, got {lengths.dtype}")

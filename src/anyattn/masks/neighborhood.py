@@ -136,7 +136,7 @@ class Neighborhood(Mask):
 
     def _query_bounds(self, q0: int, q1: int):
         """Flat index of each query's lowest and highest allowed key (the window's corners)."""
-        q = torch.arange(q0, q1)
+        q = torch.arange(q0, q1)  # host: tile planning
         lo_flat = torch.zeros_like(q)
         hi_flat = torch.zeros_like(q)
         for x, n, k, d, s, c, st in zip(self._coords(q), self.shape, self.kernel_size, self.dilation, self.stride,

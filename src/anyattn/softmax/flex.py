@@ -77,9 +77,9 @@ def block_tables(spans, n_q: int, n_k: int, block: int = BLOCK):
     tile ranges `spans` (one `Span` per query block of `block` rows). Returns bool `(partial, full)`,
     each `(ceil(n_q / block), ceil(n_k / block))`. A key block is full when every key in it lies in the
     span's full range, partial when it meets `[lo, hi)` otherwise, skipped when it does not meet it."""
-    s = torch.tensor([tuple(sp) for sp in spans], dtype=torch.long).view(-1, 4)
+    s = torch.tensor([tuple(sp) for sp in spans], dtype=torch.long).view(-1, 4)  # host: block tables
     lo, hi, flo, fhi = (c.view(-1, 1) for c in s.unbind(1))
-    start = torch.arange(0, n_k, block).view(1, -1)
+    start = torch.arange(0, n_k, block).view(1, -1)  # host: block tables
     end = torch.clamp(start + block, max=n_k)
     touch = (start < hi) & (end > lo)
     full = (start >= flo) & (end <= fhi) & (fhi > flo)

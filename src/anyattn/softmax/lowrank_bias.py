@@ -218,8 +218,8 @@ def alibi_band_attention(q, k, v, alibi, windows, scale: float, shape: Shape, re
     out = torch.cat(outs, 1)
     lse = torch.cat(lses, 1) if return_lse else None
     if order != list(range(sh.H)):
-        inv = torch.empty(sh.H, dtype=torch.long)
-        inv[torch.tensor(order)] = torch.arange(sh.H)
+        inv = torch.empty(sh.H, dtype=torch.long)  # host: head permutation, moved below
+        inv[torch.tensor(order)] = torch.arange(sh.H)  # host: head permutation
         inv = inv.to(q.device)
         out = out.index_select(1, inv)
         lse = lse.index_select(1, inv) if return_lse else None

@@ -318,7 +318,8 @@ def neighborhood(q, k, v, kernel_size, dilation=1, stride=1, is_causal=False, *,
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    use_natten = backend == "natten" or (backend == "auto" and tile is None and natten_backend.unavailable(q) is None)
+    use_natten = backend == "natten" or (backend == "auto" and tile is None
+                                          and natten_backend.unavailable(q) is None)
     if use_natten:
         why = natten_backend.unavailable(q)
         if why is not None:

@@ -18,7 +18,8 @@ def _sdpa_supports(req: Request):
         reason = f"SDPA returns no LSE for {req.q.dtype} on {req.q.device.type} here"
     if reason is None and req.return_lse and req.bias is not None and \
             any(t.requires_grad for t in req.bias.tensors()):
-        reason = "SDPA's LSE path (the fused kernel called with its LSE) returns no gradient for the bias; use 'blocked' or 'lowrank_bias'"
+        reason = ("SDPA's LSE path (the fused kernel called with its LSE) returns no gradient for the bias; "
+                  "use 'blocked' or 'lowrank_bias'")
     return reason
 
 

@@ -27,7 +27,7 @@ def s4d_lin_init(H: int, N: int, dtype=torch.complex64, device=None) -> torch.Te
     """S4D-Lin: `A_n = -1/2 + i pi n`, n = 0..N-1, the same for each of the H channels. `(H, N)` complex."""
     check_positive_int("H", H)
     check_positive_int("N", N)
-    n = torch.arange(N, dtype=torch.float64)
+    n = torch.arange(N, dtype=torch.float64)  # host: float64 init, moved below
     A = torch.complex(torch.full_like(n, -0.5), math.pi * n)
     return A.expand(H, N).to(dtype=dtype, device=device).contiguous()
 
@@ -36,7 +36,7 @@ def s4d_inv_init(H: int, N: int, dtype=torch.complex64, device=None) -> torch.Te
     """S4D-Inv: `A_n = -1/2 + i (N / pi) (N / (2n + 1) - 1)`, n = 0..N-1. `(H, N)` complex."""
     check_positive_int("H", H)
     check_positive_int("N", N)
-    n = torch.arange(N, dtype=torch.float64)
+    n = torch.arange(N, dtype=torch.float64)  # host: float64 init, moved below
     A = torch.complex(torch.full_like(n, -0.5), (N / math.pi) * (N / (2 * n + 1) - 1))
     return A.expand(H, N).to(dtype=dtype, device=device).contiguous()
 
