@@ -18,6 +18,15 @@ def _bench(args):
     if unknown:
         print(f"unknown workload(s) {unknown}; available: {names()}", file=sys.stderr)
         return 2
+    if args.device is not None:
+        import os
+
+        import torch
+        from .bench.device import ENV
+        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+            print(f"--device {args.device}: torch.cuda.is_available() is False here", file=sys.stderr)
+            return 2
+        os.environ[ENV] = args.device  # read by the runner, the workloads and the memory subprocesses
     if args.threads is not None:
         import os
 
@@ -85,6 +94,8 @@ def main(argv=None) -> int:
     b.add_argument("--memory-max", type=float, default=20.0,
                    help="skip the memory re-run of contenders whose one run takes longer (seconds)")
     b.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    b.add_argument("--device", default=None, help="device to run on, e.g. cuda (default: cpu); inputs are moved "
+                   "there, times synchronize it, GPU memory is torch.cuda.max_memory_allocated")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(fn=_bench)
     c = sub.add_parser("check", help="every exact method against the float64 reference")

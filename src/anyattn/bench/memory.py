@@ -62,7 +62,8 @@ def _child(workload: str, index: int, contender: str, quick: bool, backward: boo
     from .workloads import get_cases
     case = get_cases(workload, quick)[index]
     fn = case.contenders[contender]
-    inputs = case.make_inputs(backward)
+    from .device import on_device
+    inputs = on_device(case.make_inputs(backward))
     device = next((t.device for t in inputs.values() if isinstance(t, torch.Tensor)), torch.device("cpu"))
 
     def forward():

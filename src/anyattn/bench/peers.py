@@ -7,7 +7,9 @@ from typing import Callable
 
 import torch
 
+from ..softmax.flex import compiled_flex_attention
 from .case import Case
+from .device import bench_device
 
 
 def attention_flops(B, H, N_q, N_k, D, D_v, causal=False):
@@ -23,10 +25,13 @@ def add_flex(case: Case, n_q: int, n_k: int, *, mask_mod: Callable | None = None
     mask_mod `(b, h, q_idx, kv_idx) -> bool` becomes a block mask; score_mod(inputs) returns the
     score_mod for these inputs (or None); prepare(inputs) -> (q, k, v) in `(B, H, N, D)` (default:
     inputs["q"], ["k"], ["v"]). The block mask and the compilation happen on the first call, whose
-    time is reported in `case.setup_seconds["flex"]`, not in the timings. Forward only on CPU.
+    time is reported in `case.setup_seconds["flex"]`, not in the timings. Forward only on CPU (torch's
+    compiled CPU kernel is inference only). The compiled function is the one method `flex` uses
+    (`anyattn.softmax.flex`); the peer differs in building its block mask the way users do, with
+    `create_block_mask(mask_mod)`.
     """
     try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import create_block_mask
     except ImportError as e:  # pragma: no cover - torch < 2.5
         case.missing["flex"] = f"FlexAttention not importable: {e}"
         return
@@ -39,7 +44,7 @@ def add_flex(case: Case, n_q: int, n_k: int, *, mask_mod: Callable | None = None
             q, _, _ = prepare(x)
             if mask_mod is not None:
                 state["block_mask"] = create_block_mask(mask_mod, None, None, n_q, n_k, device=str(q.device))
-            state["fn"] = torch.compile(flex_attention, dynamic=False)
+            state["fn"] = compiled_flex_attention()
             with torch.no_grad():
                 state["fn"](*(t.detach() for t in prepare(x)), score_mod=score_mod(x) if score_mod else None,
                             block_mask=state["block_mask"])
@@ -47,5 +52,6 @@ def add_flex(case: Case, n_q: int, n_k: int, *, mask_mod: Callable | None = None
         return state["fn"](*prepare(x), score_mod=score_mod(x) if score_mod else None, block_mask=state["block_mask"])
 
     case.contenders["flex"] = fn
-    case.forward_only["flex"] = "FlexAttention has no backward on CPU"
+    if bench_device().type == "cpu":
+        case.forward_only["flex"] = "FlexAttention has no backward on CPU"
     case.setup_seconds["flex"] = lambda: state["compile_s"]

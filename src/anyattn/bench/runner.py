@@ -9,6 +9,7 @@ import time
 import torch
 
 from .case import Case, first_tensor
+from .device import bench_device, on_device
 from .memory import measure as measure_memory
 from .roofline import matmul_gflops
 from .timing import alternating, median
@@ -54,7 +55,8 @@ def run_case(case: Case, index: int, *, quick: bool, memory: bool, budget_s: flo
     res = {"workload": case.workload, "label": case.label, "params": case.params, "baseline": case.baseline,
            "flops_forward": case.flops, "contenders": {}, "skip": dict(case.skip), "missing": dict(case.missing),
            "forward_only": dict(case.forward_only), "failed": failed}
-    x = case.make_inputs(False)
+    x = on_device(case.make_inputs(False))
+    dev = bench_device().type
     outs = {}
 
     def guard(n, f):
@@ -75,7 +77,7 @@ def run_case(case: Case, index: int, *, quick: bool, memory: bool, budget_s: flo
         for n in names:
             if n in case.setup_seconds:
                 capture(n)()  # warm-up call: compile etc.
-        times_f = alternating({n: capture(n) for n in names}, budget_s=budget_s)
+        times_f = alternating({n: capture(n) for n in names}, budget_s=budget_s, device_type=dev)
     names = [n for n in names if n not in failed]
     progress.step(f"{case.workload} {case.label} forward")
     for n in names:
@@ -90,7 +92,7 @@ def run_case(case: Case, index: int, *, quick: bool, memory: bool, budget_s: flo
         res["contenders"][n] = r
     if case.backward:
         bnames = [n for n in names if n not in case.forward_only]
-        xg = case.make_inputs(True)
+        xg = on_device(case.make_inputs(True))
         leaves = [t for t in xg.values() if isinstance(t, torch.Tensor) and t.requires_grad]
         cot = {}
 
@@ -104,7 +106,7 @@ def run_case(case: Case, index: int, *, quick: bool, memory: bool, budget_s: flo
                     t.grad = None
             return guard(n, g)
         if bnames:
-            times_b = alternating({n: fb(n) for n in bnames}, budget_s=budget_s)
+            times_b = alternating({n: fb(n) for n in bnames}, budget_s=budget_s, device_type=dev)
             for n in bnames:
                 if n in failed:
                     res["contenders"][n]["fwd_bwd_note"] = "backward failed: " + failed.pop(n)
@@ -153,7 +155,8 @@ def run(workloads: list[str], *, quick: bool = False, memory: bool = True, budge
     """Run the named workloads; returns the JSON-able results. `budget_s`: timing seconds per case
     and mode (sets the repeats); `memory_max_s`: contenders whose one run takes longer are not re-run
     for the memory measurement (reported as such)."""
-    roof = matmul_gflops()
+    dev = bench_device()
+    roof = matmul_gflops(str(dev), torch.bfloat16 if dev.type == "cuda" else torch.float32)
     all_cases = [(w, i, c) for w in workloads for i, c in enumerate(get_cases(w, quick))]
     steps = sum(1 + int(c.backward) + int(memory) for _, _, c in all_cases)
     bar = Progress(steps, progress)
@@ -164,7 +167,9 @@ def run(workloads: list[str], *, quick: bool = False, memory: bool = True, budge
     bar.close()
     return {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "matmul_gflops_fp32": roof},
+                    "threads": torch.get_num_threads(), "device": str(dev),
+                    "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+                    "matmul_gflops_fp32" if dev.type == "cpu" else "matmul_gflops_bf16": roof},
         "quick": quick, "workloads": workloads, "cases": results,
     }
 

@@ -53,7 +53,8 @@ def available() -> str | None:
 
 
 @lru_cache(maxsize=None)
-def _compiled():
+def compiled_flex_attention():
+    """`torch.compile(flex_attention)`, one per process (method `flex` and the bench peers share it)."""
     from torch.nn.attention.flex_attention import flex_attention
     return torch.compile(flex_attention, dynamic=False)
 
@@ -169,7 +170,7 @@ def flex_attention(q, k, v, mask, bias, scale: float, shape, return_lse: bool, c
     from torch.nn.attention import flex_attention as fa
     n_q, n_k = shape.N_q, shape.N_k
     bm = block_mask(mask, n_q, n_k, q.device) if mask is not None else None
-    fn = _compiled() if compile else fa.flex_attention
+    fn = compiled_flex_attention() if compile else fa.flex_attention
     want_lse = return_lse or q.device.type != "cpu" or not compile
     kwargs = dict(score_mod=score_mod_of(bias, n_q, n_k), block_mask=bm, scale=scale,
                   enable_gqa=shape.H != shape.H_kv)
