@@ -1,4 +1,5 @@
 """Public surface: methods(), explain(), auto's choices."""
+import pytest
 import torch
 
 import anyattn
@@ -15,6 +16,7 @@ def test_methods_lists_exact_engines():
         assert m[name].startswith("exact")
 
 
+@pytest.mark.cpu_only  # auto's CPU choices (CUDA prefers flex)
 def test_explain_auto_choices():
     q, k, v = qkv()
     assert anyattn.explain(q, k, v).method == "sdpa"
@@ -25,6 +27,7 @@ def test_explain_auto_choices():
     assert anyattn.explain(q, k, v, mask=masks.Causal() & masks.KeyPadding(torch.tensor([3]))).method == "blocked"
 
 
+@pytest.mark.cpu_only  # auto's CPU choices (CUDA prefers flex)
 def test_auto_avoids_materializing_large_bottom_right_masks(monkeypatch):
     from anyattn import plan
     q, k, v = qkv(N_q=8, N_k=32)

@@ -251,6 +251,7 @@ def _explain(q, k, v, mask, bias, **kw):
     return anyattn.explain(q, k, v, mask=mask, bias=bias, **kw)
 
 
+@pytest.mark.cpu_only  # auto's CPU choices (CUDA prefers flex)
 def test_auto_takes_lowrank_for_causal_alibi_and_in_tile_for_symmetric():
     q, k, v = (torch.randn(1, 4, 4096, 16) for _ in range(3))
     alibi = B.Alibi.geometric(4)
@@ -264,6 +265,7 @@ def test_auto_takes_lowrank_for_causal_alibi_and_in_tile_for_symmetric():
     assert _explain(*small, M.SlidingWindow(8, 8), alibi).method == "blocked"
 
 
+@pytest.mark.cpu_only  # auto's CPU choices (CUDA prefers flex)
 def test_auto_dense_bias_spatial_and_svd_note():
     q, k, v = (torch.randn(1, 2, 128, 16) for _ in range(3))
     assert _explain(q, k, v, M.Causal(), torch.randn(1, 2, 128, 128)).method == "sdpa"
@@ -277,6 +279,7 @@ def test_auto_dense_bias_spatial_and_svd_note():
     assert _explain(q, k, v, None, dense, return_lse=True).method == "blocked"
 
 
+@pytest.mark.cpu_only  # auto's CPU choices (CUDA prefers flex)
 def test_auto_in_tile_where_alibi_factors_lose_precision():
     slopes = torch.tensor([0.3, 0.7])  # not short in binary: hi/lo split
     a = B.Alibi(slopes)

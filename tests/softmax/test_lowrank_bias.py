@@ -162,8 +162,8 @@ def test_alibi_long_n_precision(dtype, tol):
             err = float((out.double() - ref).abs().max() / ref.abs().max())
             assert err < tol, (method, slopes, err)
     e = anyattn.explain(q, k, v, mask=M.Causal(), bias=B.Alibi(torch.tensor([0.37])))
-    assert e.method == "lowrank_bias"
-    if dtype == torch.bfloat16:
+    assert e.method == ("lowrank_bias" if q.device.type == "cpu" else "flex")
+    if dtype == torch.bfloat16 and q.device.type == "cpu":
         assert "computed in float32" in e.reason
 
 
