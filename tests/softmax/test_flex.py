@@ -19,25 +19,25 @@ from helpers import assert_close, check_against_oracle, make_qkv, oracle
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # FlexAttention's eager-path warnings
 
-B, H, H_KV, N, D, D_V = 2, 4, 2, 200, 8, 12
+B, H, H_KV, N, D, D_V = 2, 4, 2, 140, 8, 12
 NB = 130  # bias cases: two query and key blocks of FlexAttention's 128
 
 
 def mask_specs(n_q=N, n_k=N):
-    """Every mask kind, on `n_q` x `n_k` problems (the Neighborhood grid has N = 200 points)."""
+    """Every mask kind, on `n_q` x `n_k` problems (the Neighborhood grid has N = 140 points)."""
     g = torch.Generator().manual_seed(3)
-    docs = torch.repeat_interleave(torch.arange(4), torch.tensor([30, 90, 1, 79]))
+    docs = torch.repeat_interleave(torch.arange(4), torch.tensor([30, 60, 1, 49]))
     return {
         "causal": M.Causal(),
         "causal_top_left": M.Causal("top_left"),
         "sliding_window": M.SlidingWindow(40, 5),
-        "key_padding": M.KeyPadding(torch.tensor([150, 0])),  # batch 1: every row fully masked
+        "key_padding": M.KeyPadding(torch.tensor([100, 0])),  # batch 1: every row fully masked
         "document": M.Document(docs),
         "document_unsorted": M.Document(torch.randint(0, 3, (B, N), generator=g)),
         "dense": M.Dense(torch.rand(B, 1, n_q, n_k, generator=g) < 0.3),
-        "neighborhood": M.Neighborhood((10, 20), (3, 5), dilation=(1, 2)),
+        "neighborhood": M.Neighborhood((10, 14), (3, 5), dilation=(1, 2)),
         "mask_mod": M.MaskMod(lambda b, h, q, kv: (q + kv + h) % 3 != 0),
-        "and": M.Causal() & M.KeyPadding(torch.tensor([200, 120])),
+        "and": M.Causal() & M.KeyPadding(torch.tensor([140, 120])),
         "or": M.SlidingWindow(8) | M.Document(docs),
     }
 
@@ -60,7 +60,7 @@ def bias_specs():
 
 def _shape(name):
     """Causal masks get N_q != N_k (bottom-right with N_q > N_k: the first rows see no key)."""
-    return {"causal": (N, 150), "causal_top_left": (150, N)}.get(name, (N, N))
+    return {"causal": (N, 100), "causal_top_left": (100, N)}.get(name, (N, N))
 
 
 # ------------------------------------------------------------------ block tables (no compile)
@@ -154,9 +154,9 @@ def test_compiled_cpu_forward():
     translation): causal & key padding with a fully masked batch, ALiBi + T5, grouped-query heads,
     D_v != D, N_q != N_k, float32."""
     table = torch.randn(16, H, generator=torch.Generator().manual_seed(0))
-    mask = M.Causal() & M.KeyPadding(torch.tensor([170, 0]))
+    mask = M.Causal() & M.KeyPadding(torch.tensor([120, 0]))
     bias = Bi.Alibi.geometric(H) + Bi.RelativePosition.t5(table, True, 64)
-    q, k, v = (x.detach() for x in make_qkv(B, H, H_KV, 160, N, D, D_V, dtype=torch.float32, seed=10))
+    q, k, v = (x.detach() for x in make_qkv(B, H, H_KV, 130, N, D, D_V, dtype=torch.float32, seed=10))
     with torch.no_grad():
         out = anyattn.attention(q, k, v, mask=mask, bias=bias, method="flex")
     want, lse, _ = oracle(q, k, v, mask=mask, bias=bias)
