@@ -32,8 +32,8 @@ def unavailable(q) -> str | None:
 
 
 def to_natten(x):
-    """`(B, H, *spatial, D)` -> `(B, *spatial, H, D)` (a view)."""
-    return x.movedim(1, -2)
+    """`(B, H, *spatial, D)` -> `(B, *spatial, H, D)` (contiguous: NATTEN's kernels read that layout)."""
+    return x.movedim(1, -2).contiguous()
 
 
 def from_natten(x):
