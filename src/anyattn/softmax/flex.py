@@ -21,7 +21,8 @@ Devices (torch 2.13; see docs/gpu.md):
   `D_v != D`, gradients to bias tensors.
 - CPU: torch's compiled CPU kernel is inference only: no LSE, no backward, float32/bf16/fp16. `flex`
   therefore refuses `return_lse=True`, inputs that require grad (use `blocked`, the CPU training path)
-  and float64 on CPU, saying so. Fully masked rows get output 0 from the CPU kernel.
+  and float64 on CPU, saying so; `auto` uses it on CPU only for large inference calls (see `plan.py`).
+  Fully masked rows get output 0 from the CPU kernel.
 - `compile=False` runs FlexAttention's eager path: it materializes the scores (quadratic memory), but
   returns the LSE on every device and takes float64 (backward: CUDA only); for tests and debugging.
 """
