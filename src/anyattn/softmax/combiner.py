@@ -185,11 +185,20 @@ def _pool_queries(q, prior, a, b, pooling):
     return p
 
 
-def _empty_state(q, Dv, segment_size, pooling, scale, work):
-    B, H, _, D = q.shape
-    z = lambda *shape: q.new_zeros(shape, dtype=work)  # noqa: E731
-    return CombinerState(segment_size, pooling, scale, z(B, H, 0, D), z(B, H, 0, Dv), z(B, H, 0, D), z(B, H, 0, Dv),
-                         None, 0)
+def _first_step(q, k, v, shape, s, pooling, scale):
+    """No past: the parallel `combiner` for the outputs; the state is the summaries of the finished
+    segments and the unfinished tail."""
+    out = combiner(q, k, v, segment_size=s, is_causal=True, pooling=pooling, scale=scale)
+    work = torch.promote_types(q.dtype, torch.float32)
+    q, k, v = q.to(work), _heads(k.to(work), shape.groups), _heads(v.to(work), shape.groups)
+    B, H, N, D = q.shape
+    full = (N // s) * s
+    if full:
+        k_sum, v_sum = _summaries(q[:, :, :full], k[:, :, :full], v[:, :, :full], s, pooling, scale)
+    else:
+        k_sum, v_sum = q.new_zeros(B, H, 0, D), q.new_zeros(B, H, 0, shape.D_v)
+    pool = _pool_queries(q, None, full, N, pooling) if N > full else None
+    return out, CombinerState(s, pooling, scale, k_sum, v_sum, k[:, :, full:], v[:, :, full:], pool, N)
 
 
 def combiner_step(q, k, v, state: CombinerState | None = None, *, segment_size: int | None = None,
@@ -211,10 +220,10 @@ def combiner_step(q, k, v, state: CombinerState | None = None, *, segment_size: 
         segment_size, pooling, scale = state.segment_size, state.pooling, state.scale
         if state.k_cur.shape[0] != shape.B or state.k_cur.shape[1] != shape.H:
             raise ValueError(f"state holds (B, H) = {tuple(state.k_cur.shape[:2])}, got q with {(shape.B, shape.H)}")
+    if state is None:
+        return _first_step(q, k, v, shape, segment_size, pooling, scale)
     dtype = q.dtype
     work = torch.promote_types(dtype, torch.float32)
-    if state is None:
-        state = _empty_state(q, shape.D_v, segment_size, pooling, scale, work)
     s, B, H, T = segment_size, shape.B, shape.H, shape.N_q
     q, k, v = q.to(work), _heads(k.to(work), shape.groups), _heads(v.to(work), shape.groups)
     t0 = state.k_cur.shape[2]                     # tokens already in the current segment

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..validate import check_qkv, check_scale
+from ..validate import check_qkv, check_same_device_dtype, check_scale, check_tensor
 
 __all__ = ["simplicial_attention", "simplicial_attention_ref"]
 
@@ -39,10 +39,12 @@ def _spans(w: int, is_causal: bool) -> tuple[int, int]:
 
 def _check(q, k1, k2, v1, v2, window, is_causal, scale):
     shape = check_qkv(q, k1, v1)
-    shape2 = check_qkv(q, k2, v2)
-    if shape2 != shape:
+    for name, x in (("k2", k2), ("v2", v2)):
+        check_tensor(name, x)
+    if k2.shape != k1.shape or v2.shape != v1.shape:
         raise ValueError(f"k2, v2 must have the shapes of k1, v1 {tuple(k1.shape)}, {tuple(v1.shape)}, got "
                          f"{tuple(k2.shape)}, {tuple(v2.shape)}")
+    check_same_device_dtype("q", q, k2=k2, v2=v2)
     if shape.N_q != shape.N_k:
         raise ValueError(f"simplicial attention is self-attention: q and k1 must have the same length, got "
                          f"N_q = {shape.N_q}, N_k = {shape.N_k}")
