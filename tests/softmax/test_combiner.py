@@ -117,3 +117,14 @@ def test_validation():
     with pytest.raises(ValueError, match="multiple"):
         combiner(q[:, :1], k, v, segment_size=2)
     assert isinstance(combiner_step(q, k, v, segment_size=2)[1], CombinerState)
+
+
+def test_blocked_route_where_sdpa_has_no_lse(monkeypatch):
+    import anyattn.softmax.lse_attention as la
+    q, k, v = _qkv(1, 2, 1, 11, 4, 3)
+    ref, _ = _oracle(q, k, v, segment_size=3, is_causal=True)
+    monkeypatch.setattr(la, "lse_supported", lambda device, dtype=None: False)
+    out = combiner(q, k, v, segment_size=3)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for g, gr in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        torch.testing.assert_close(g, gr, rtol=1e-9, atol=1e-9)

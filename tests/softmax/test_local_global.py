@@ -126,3 +126,15 @@ def test_float32_and_validation():
         grid_order(4, 4, "peano")
     with pytest.raises(ValueError, match="H"):
         grid_order(0, 4)
+
+
+def test_blocked_route_where_sdpa_has_no_lse(monkeypatch):
+    import anyattn.softmax.lse_attention as la
+    xs = _inputs(1, 2, 1, 30, 2, 4, 3)
+    ref = _reference(xs, (5, 6), 4, 2)
+    monkeypatch.setattr(la, "lse_supported", lambda device, dtype=None: False)
+    got = local_global_attention(*xs, grid=(5, 6), window=4)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for a, b in zip(_grads(got, xs), _grads(ref, xs)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

@@ -14,9 +14,10 @@ the summaries of the other segments (`rho < r` causal, `rho != r` non-causal):
 
 Computed exactly as two attentions merged by their log-sum-exp (`anyattn.lse.merge`): the local part
 is one batched SDPA call over segments (causal inside), the summary part one SDPA call of the N
-queries over the R summaries with a segment mask (N x R, no N x N tensor anywhere). Both land on
-`anyattn.softmax.sdpa.sdpa_attention` (the CPU flash kernel with a differentiable LSE), so forward
-and backward are O(N (s + R) D) time and O(N D + N R) memory.
+queries over the R summaries with a segment mask (N x R, no N x N tensor anywhere). Both go through
+`anyattn.softmax.lse_attention.attention_lse` (SDPA's CPU flash kernel with a differentiable LSE; the
+blocked engine where SDPA has no LSE), so forward and backward are O(N (s + R) D) time and O(N D + N R)
+memory.
 
 `combiner_step` is the decode form: finished segments are frozen as summaries in a `CombinerState`;
 new tokens attend to their own segment's keys plus the frozen summaries. `combiner_matrix` builds the
@@ -31,6 +32,7 @@ import torch
 
 from ..lse import merge
 from ..validate import Shape, check_qkv, check_scale
+from .lse_attention import attention_lse
 from .sdpa import sdpa_attention
 
 POOLINGS = ("max", "mean")
@@ -43,9 +45,9 @@ def default_segment_size(n: int) -> int:
     return max(1, round(math.sqrt(n)))
 
 
-def _check(q, k, v, segment_size, pooling, scale, need_same_n=True):
+def _check(q, k, v, segment_size, pooling, scale):
     shape = check_qkv(q, k, v)
-    if need_same_n and shape.N_q != shape.N_k:
+    if shape.N_q != shape.N_k:
         raise ValueError(f"combiner is self-attention: q and k must have the same length, got N_q = {shape.N_q}, "
                          f"N_k = {shape.N_k}")
     if segment_size is not None and (isinstance(segment_size, bool) or not isinstance(segment_size, int)
@@ -97,13 +99,13 @@ def _local(q, k, v, s, is_causal, scale):
     if R_full:
         m = R_full * s
         qs, ks, vs = (x[:, :, :m].reshape(B * H, R_full, s, x.shape[-1]) for x in (q, k, v))
-        o, l = sdpa_attention(qs, ks, vs, None, is_causal, scale, Shape(B * H, R_full, R_full, s, s, D, Dv), True)
+        o, l = attention_lse(qs, ks, vs, None, is_causal, scale, Shape(B * H, R_full, R_full, s, s, D, Dv))
         outs.append(o.reshape(B, H, m, Dv))
         lses.append(l.reshape(B, H, m))
     if N > R_full * s:
         qs, ks, vs = (x[:, :, R_full * s:] for x in (q, k, v))
         t = qs.shape[2]
-        o, l = sdpa_attention(qs, ks, vs, None, is_causal, scale, Shape(B, H, H, t, t, D, Dv), True)
+        o, l = attention_lse(qs, ks, vs, None, is_causal, scale, Shape(B, H, H, t, t, D, Dv))
         outs.append(o)
         lses.append(l)
     return torch.cat(outs, 2), torch.cat(lses, 2)
@@ -138,8 +140,8 @@ def combiner(q, k, v, *, segment_size=None, is_causal: bool = True, pooling: str
         allowed = (rho[None, :] < seg[:, None]) if is_causal else (rho[None, :] != seg[:, None])
         first = s if is_causal else 0  # causal: the first segment has no summary to attend
         qq = q[:, :, first:]
-        o2, l2 = sdpa_attention(qq, kb, vt, allowed[first:].view(1, 1, N - first, R), False, scale,
-                                Shape(B, H, H, N - first, R, D, Dv), True)
+        o2, l2 = attention_lse(qq, kb, vt, allowed[first:].view(1, 1, N - first, R), False, scale,
+                                Shape(B, H, H, N - first, R, D, Dv))
         o_m, l_m = merge([out[:, :, first:], o2.to(out.dtype)], [lse[:, :, first:], l2.to(lse.dtype)])
         if first:
             out = torch.cat([out[:, :, :first], o_m], 2)
@@ -214,9 +216,9 @@ def combiner_step(q, k, v, state: CombinerState | None = None, *, segment_size: 
     if state is None:
         if segment_size is None:
             raise ValueError("combiner_step needs segment_size on the first call (state=None)")
-        shape, scale = _check(q, k, v, segment_size, pooling, scale, need_same_n=True)
+        shape, scale = _check(q, k, v, segment_size, pooling, scale)
     else:
-        shape, _ = _check(q, k, v, state.segment_size, state.pooling, None, need_same_n=True)
+        shape, _ = _check(q, k, v, state.segment_size, state.pooling, None)
         segment_size, pooling, scale = state.segment_size, state.pooling, state.scale
         if state.k_cur.shape[0] != shape.B or state.k_cur.shape[1] != shape.H:
             raise ValueError(f"state holds (B, H) = {tuple(state.k_cur.shape[:2])}, got q with {(shape.B, shape.H)}")

@@ -2,10 +2,11 @@
 2-D mixers"): high-resolution tokens attend to the tokens of their own aligned `window x window` block
 plus every global (low-resolution) token; global tokens attend to the global tokens.
 
-Exact, as two attentions merged by log-sum-exp (`anyattn.lse.merge`): the block part is one batched
-SDPA call with the blocks as batch (keys of padded partial blocks masked), the global part one SDPA call
-of all N tokens over the M global tokens; both through `anyattn.softmax.sdpa.sdpa_attention` (the CPU
-flash kernel with a differentiable LSE). Cost O(N (w^2 + M) D); nothing N x N is formed.
+Exact, as two attentions merged by log-sum-exp (`anyattn.lse.merge`): the block part is one batched call
+with the blocks as batch (keys of padded partial blocks masked), the global part one call of all N tokens
+over the M global tokens; both through `anyattn.softmax.lse_attention.attention_lse` (SDPA's CPU flash
+kernel with a differentiable LSE; the blocked engine where SDPA has no LSE). Cost O(N (w^2 + M) D);
+nothing N x N is formed.
 
 Token order: "row_major" (default) gathers the blocks with one copy; with tokens kept in a
 space-filling-curve order ("morton" / "hilbert", see `anyattn.grid_order`) every aligned block is a run
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from ..grid_order import ORDERS
 from ..lse import merge
 from ..validate import Shape, check_qkv, check_scale
+from .lse_attention import attention_lse
 from .sdpa import sdpa_attention
 
 __all__ = ["local_global_attention", "local_global_mask"]
@@ -141,11 +143,11 @@ def local_global_attention(q, k, v, q_g, k_g, v_g, *, grid, window, order: str =
     qb, kb, vb = (_to_blocks(x, grid, win, order) for x in (q, kk, vv))
     nb, T = qb.shape[1], qb.shape[2]
     pm = _pad_mask(grid, win, q.device)
-    o1, l1 = sdpa_attention(qb, kb, vb, None if pm is None else pm.unsqueeze(0), False, scale,
-                            Shape(B * H, nb, nb, T, T, D, Dv), True)
+    o1, l1 = attention_lse(qb, kb, vb, None if pm is None else pm.unsqueeze(0), False, scale,
+                            Shape(B * H, nb, nb, T, T, D, Dv))
     o1 = _from_blocks(o1, B, H, grid, win, order)
     l1 = _from_blocks(l1.unsqueeze(-1), B, H, grid, win, order).squeeze(-1)
-    o2, l2 = sdpa_attention(q, k_g, v_g, None, False, scale, Shape(B, H, shape.H_kv, N, M, D, Dv), True)
+    o2, l2 = attention_lse(q, k_g, v_g, None, False, scale, Shape(B, H, shape.H_kv, N, M, D, Dv))
     out, _ = merge([o1, o2.to(o1.dtype)], [l1, l2.to(l1.dtype)])
     out_g, _ = sdpa_attention(q_g, k_g, v_g, None, False, scale, gshape, False)
     return out.to(q.dtype), out_g
