@@ -18,6 +18,11 @@ def _qkv(B, H, Hk, N, D, Dv, dtype=torch.float64, seed=0):
             torch.randn(B, Hk, N, Dv, generator=g, dtype=dtype).requires_grad_())
 
 
+def _nc(x):
+    """The same values stored as (B, N, H, D): a non-contiguous (B, H, N, D) view."""
+    return x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+
+
 def _grads(out, inputs, seed=1):
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
     return torch.autograd.grad((out * w).sum(), inputs)
@@ -56,9 +61,11 @@ def test_one_token_segments_and_one_segment_are_causal_attention(s):
 @settings(max_examples=15, deadline=None)
 @given(B=st.integers(1, 2), Hk=st.integers(1, 2), G=st.integers(1, 2), N=st.integers(1, 20),
        s=st.integers(1, 8), D=st.integers(1, 5), Dv=st.integers(1, 4), is_causal=st.booleans(),
-       pooling=st.sampled_from(["max", "mean"]))
-def test_property_shapes(B, Hk, G, N, s, D, Dv, is_causal, pooling):
+       pooling=st.sampled_from(["max", "mean"]), contiguous=st.booleans())
+def test_property_shapes(B, Hk, G, N, s, D, Dv, is_causal, pooling, contiguous):
     q, k, v = _qkv(B, Hk * G, Hk, N, D, Dv)
+    if not contiguous:
+        q, k, v = _nc(q), _nc(k), _nc(v)
     out = combiner(q, k, v, segment_size=s, is_causal=is_causal, pooling=pooling)
     ref, _ = _oracle(q, k, v, segment_size=s, is_causal=is_causal, pooling=pooling)
     assert out.shape == (B, Hk * G, N, Dv)

@@ -17,6 +17,11 @@ def _inputs(B, H, Hk, N, M, D, Dv, seed=0, dtype=torch.float64):
     return r(B, H, N, D), r(B, Hk, N, D), r(B, Hk, N, Dv), r(B, H, M, D), r(B, Hk, M, D), r(B, Hk, M, Dv)
 
 
+def _nc(x):
+    """The same values stored as (B, N, H, D): a non-contiguous (B, H, N, D) view."""
+    return x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+
+
 def _definition_mask(grid, window, M):
     """Token i (row-major) sees token j iff both lie in the same aligned block; everyone sees the globals;
     globals see only globals."""
@@ -61,9 +66,11 @@ def test_matches_dense_reference_outputs_and_gradients(grid, window, M, G):
 
 @settings(max_examples=15, deadline=None)
 @given(Hg=st.integers(1, 7), Wg=st.integers(1, 7), wh=st.integers(1, 4), ww=st.integers(1, 4),
-       M=st.integers(1, 4), G=st.integers(1, 2), D=st.integers(1, 4))
-def test_property_shapes(Hg, Wg, wh, ww, M, G, D):
+       M=st.integers(1, 4), G=st.integers(1, 2), D=st.integers(1, 4), contiguous=st.booleans())
+def test_property_shapes(Hg, Wg, wh, ww, M, G, D, contiguous):
     xs = _inputs(1, 2 * G, 2, Hg * Wg, M, D, 2)
+    if not contiguous:
+        xs = tuple(_nc(x) for x in xs)
     got = local_global_attention(*xs, grid=(Hg, Wg), window=(wh, ww))
     for a, b in zip(got, _reference(xs, (Hg, Wg), (wh, ww), M)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

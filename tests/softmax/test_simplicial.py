@@ -17,6 +17,11 @@ def _inputs(B, H, Hk, N, D, Dv, seed=0, dtype=torch.float64):
     return r(B, H, N, D), r(B, Hk, N, D), r(B, Hk, N, D), r(B, Hk, N, Dv), r(B, Hk, N, Dv)
 
 
+def _nc(x):
+    """The same values stored as (B, N, H, D): a non-contiguous (B, H, N, D) view."""
+    return x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+
+
 def _grads(out, inputs, seed=1):
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
     return torch.autograd.grad((out * w).sum(), inputs)
@@ -45,9 +50,12 @@ def test_constant_second_pair_is_sliding_window_attention():
 
 @settings(max_examples=15, deadline=None)
 @given(N=st.integers(1, 12), w1=st.integers(1, 6), w2=st.integers(1, 6), D=st.integers(1, 4),
-       Dv=st.integers(1, 3), G=st.integers(1, 2), is_causal=st.booleans(), chunk=st.integers(1, 7))
-def test_property_shapes(N, w1, w2, D, Dv, G, is_causal, chunk):
+       Dv=st.integers(1, 3), G=st.integers(1, 2), is_causal=st.booleans(), chunk=st.integers(1, 7),
+       contiguous=st.booleans())
+def test_property_shapes(N, w1, w2, D, Dv, G, is_causal, chunk, contiguous):
     xs = _inputs(1, G, 1, N, D, Dv)
+    if not contiguous:
+        xs = tuple(_nc(x) for x in xs)
     out = simplicial_attention(*xs, window=(w1, w2), is_causal=is_causal, chunk_size=chunk)
     torch.testing.assert_close(out, simplicial_attention_ref(*xs, window=(w1, w2), is_causal=is_causal),
                                rtol=1e-10, atol=1e-10)

@@ -78,7 +78,7 @@ def _summaries(q, k, v, s, pooling, scale):
         m = R_full * s
         qs, ks, vs = (x[:, :, :m].reshape(B * H, R_full, s, x.shape[-1]) for x in (q, k, v))
         qb = _pool(qs, pooling).unsqueeze(2)                                     # (BH, R, 1, D)
-        kb.append(_pool(ks, pooling).view(B, H, R_full, D))
+        kb.append(_pool(ks, pooling).reshape(B, H, R_full, D))
         o, _ = sdpa_attention(qb, ks, vs, None, False, scale, Shape(B * H, R_full, R_full, 1, s, D, Dv), False)
         vt.append(o.reshape(B, H, R_full, Dv))
     if n > R_full * s:                                                           # partial tail segment

@@ -76,10 +76,10 @@ def _to_blocks(x, grid, win, order):
         return x.reshape(B * H, N // (wh * ww), wh * ww, C)
     Hg, Wg = grid
     nh, nw = -(-Hg // wh), -(-Wg // ww)
-    x = x.view(B, H, Hg, Wg, C)
+    x = x.reshape(B, H, Hg, Wg, C)
     if nh * wh != Hg or nw * ww != Wg:
         x = F.pad(x, (0, 0, 0, nw * ww - Wg, 0, nh * wh - Hg))
-    x = x.view(B, H, nh, wh, nw, ww, C).permute(0, 1, 2, 4, 3, 5, 6)
+    x = x.reshape(B, H, nh, wh, nw, ww, C).permute(0, 1, 2, 4, 3, 5, 6)
     return x.reshape(B * H, nh * nw, wh * ww, C)
 
 
@@ -91,7 +91,7 @@ def _from_blocks(x, B, H, grid, win, order):
     if order != "row_major":
         return x.reshape(B, H, Hg * Wg, C)
     nh, nw = -(-Hg // wh), -(-Wg // ww)
-    x = x.view(B, H, nh, nw, wh, ww, C).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, H, nh * wh, nw * ww, C)
+    x = x.reshape(B, H, nh, nw, wh, ww, C).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, H, nh * wh, nw * ww, C)
     return x[:, :, :Hg, :Wg].reshape(B, H, Hg * Wg, C)
 
 

@@ -96,7 +96,7 @@ def _rows(x, dt, dv, A1, A2, A3, A4, B1, B2, C1, C2, h1_0, h2_0, chunk_size):
         init = None if h1_0 is None else h1_0[:, :, v].reshape(Bsz, Dm * N, 1)
         h1, _ = selective_scan(u.reshape(Bsz, Dm * N, T), delta, a1, ones, ones, initial_state=init,
                                output_final_state=True, chunk_size=chunk_size)
-        h1 = h1.view(Bsz, Dm, N, T)
+        h1 = h1.reshape(Bsz, Dm, N, T)
         ys.append((h1 * C1[:, :, v].unsqueeze(1)).sum(2) + (h2 * C2[:, :, v].unsqueeze(1)).sum(2))
         last1.append(h1[..., -1])
         last2.append(h2[..., -1])
@@ -183,7 +183,7 @@ def chimera_step(state, x, delta_t, delta_v, A, B1, B2, C1, C2, D=None):
     u = (A3[:, None] * h1_up + b2 * xe).permute(0, 1, 3, 2).reshape(Bsz, Dm * N, V)
     delta = dv.unsqueeze(2).expand(Bsz, Dm, N, V).reshape(Bsz, Dm * N, V)
     ones = x.new_ones(Bsz, 1, V)
-    h2 = selective_scan(u, delta, A4.reshape(Dm * N, 1), ones, ones).view(Bsz, Dm, N, V).transpose(2, 3)
+    h2 = selective_scan(u, delta, A4.reshape(Dm * N, 1), ones, ones).reshape(Bsz, Dm, N, V).transpose(2, 3)
     y = (h1 * C1.transpose(1, 2).unsqueeze(1)).sum(-1) + (h2 * C2.transpose(1, 2).unsqueeze(1)).sum(-1)
     if D is not None:
         y = y + D.to(cd)[:, None] * x

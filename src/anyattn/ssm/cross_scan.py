@@ -34,4 +34,4 @@ def cross_merge_2d(y: torch.Tensor, H: int, W: int) -> torch.Tensor:
     if K != 4 or L != H * W:
         raise ValueError(f"y must have shape (B, 4, C, H * W) = (B, 4, C, {H * W}), got {tuple(y.shape)}")
     y = y[:, :2] + y[:, 2:].flip(-1)
-    return y[:, 0].view(B, C, H, W) + y[:, 1].view(B, C, W, H).transpose(2, 3)
+    return y[:, 0].reshape(B, C, H, W) + y[:, 1].reshape(B, C, W, H).transpose(2, 3)
