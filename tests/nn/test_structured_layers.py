@@ -122,7 +122,8 @@ def test_float32_layers_and_validation():
     with pytest.raises(ValueError, match="pooling"):
         CombinerAttention(16, 4, pooling="sum")
     with pytest.raises(ValueError, match="divisible"):
-        TCNCALayer(16, num_heads=3)
+        TCNCALayer(16, num_heads=3, zdim=8)
+    assert TCNCALayer(16, num_heads=3).zdim % 3 == 0
     with pytest.raises(ValueError, match="window"):
         SimplicialAttention(16, 2, window=8)
     assert math.isfinite(TCNCALayer(16).receptive_field)

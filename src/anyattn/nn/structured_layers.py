@@ -192,9 +192,10 @@ class TCNCALayer(nn.Module):
                  chunk_size: int = 64, kernel_size: int = 3, depth: int = 4, dilation_factor: int = 4):
         super().__init__()
         self.dim = check_positive_int("dim", dim)
-        self.zdim = check_positive_int("zdim", zdim if zdim is not None else max(num_heads, dim // 2))
-        self.vdim = check_positive_int("vdim", vdim if vdim is not None else 2 * dim)
         self.num_heads = check_positive_int("num_heads", num_heads)
+        # Defaults (MEGA's proportions): zdim ~ dim / 2, vdim ~ 2 dim, rounded to multiples of num_heads.
+        self.zdim = check_positive_int("zdim", zdim if zdim is not None else num_heads * max(1, dim // 2 // num_heads))
+        self.vdim = check_positive_int("vdim", vdim if vdim is not None else num_heads * max(1, 2 * dim // num_heads))
         for name, val in (("zdim", self.zdim), ("vdim", self.vdim)):
             if val % num_heads:
                 raise ValueError(f"{name} ({val}) must be divisible by num_heads ({num_heads})")
