@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import anyattn
-from anyattn import masks
 from anyattn.nn import MIXERS, CombinerAttention, SimplicialAttention, TCNCALayer, generate
 from anyattn.softmax.combiner import combiner_matrix
 from anyattn.softmax.simplicial import simplicial_attention_ref
