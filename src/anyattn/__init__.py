@@ -7,6 +7,11 @@ from . import cache  # noqa: E402  (after .api: cache builds on it)
 from .cache import decode
 from .lse import merge
 from .softmax.neighborhood import neighborhood
+from .grid_order import grid_order
+from .softmax.combiner import combiner, combiner_step
+from .softmax.local_global import local_global_attention
+from .softmax.simplicial import simplicial_attention
 
 __version__ = "0.1.0"
-__all__ = ["attention", "explain", "methods", "merge", "error", "decode", "cache", "neighborhood", "masks", "biases", "linear", "ssm"]
+__all__ = ["attention", "explain", "methods", "merge", "error", "decode", "cache", "neighborhood", "combiner",
+           "combiner_step", "local_global_attention", "grid_order", "simplicial_attention", "masks", "biases", "linear", "ssm"]
