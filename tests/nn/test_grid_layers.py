@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import anyattn
-from anyattn.neighborhood_mask import Neighborhood
+from anyattn.masks import Neighborhood
 from anyattn.nn import SS2D, AFFLayer, ChimeraLayer, DiNATLayer, SerpentBlock, dinat_dilations
 from anyattn.ssm import selective_scan_ref
 
