@@ -8,4 +8,8 @@ from . import testing
 from .comm import Comm, CommLog, CommRecord, as_comm
 from .layout import Layout, Segment, shard, unshard
 
-__all__ = ["Comm", "CommLog", "CommRecord", "as_comm", "Layout", "Segment", "shard", "unshard", "testing"]
+# softmax attention (ring / all-gather / Ulysses)
+from .attention import all_reduce_grads, attention, choose_algo, explain_attention  # noqa: E402
+
+__all__ = ["Comm", "CommLog", "CommRecord", "as_comm", "Layout", "Segment", "shard", "unshard", "testing",
+           "attention", "explain_attention", "choose_algo", "all_reduce_grads"]
