@@ -10,6 +10,7 @@ from .layout import Layout, Segment, shard, unshard
 
 # softmax attention (ring / all-gather / Ulysses)
 from .attention import all_reduce_grads, attention, choose_algo, explain_attention  # noqa: E402
+from .halo import neighborhood  # noqa: E402
 
 __all__ = ["Comm", "CommLog", "CommRecord", "as_comm", "Layout", "Segment", "shard", "unshard", "testing",
-           "attention", "explain_attention", "choose_algo", "all_reduce_grads"]
+           "attention", "explain_attention", "choose_algo", "all_reduce_grads", "neighborhood"]
