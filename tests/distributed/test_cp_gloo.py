@@ -26,7 +26,6 @@ def test_gloo_collectives_values_and_bytes(pool, W):
 
 @pytest.mark.parametrize("W", [2, 4])
 def test_gloo_gradients_and_tags(pool, W):
-    from test_comm_layout import test_collectives_are_differentiable  # noqa: F401  (same expected values)
     got = pool.run(_grads, world_size=W)
     from anyattn.distributed.testing import run_threads
     want = run_threads(W, _grads)
@@ -61,7 +60,7 @@ def test_gloo_attention_equals_single_process(pool, W, spec):
 @pytest.mark.parametrize("W", [2, 3, 4])
 def test_gloo_neighborhood_equals_single_process(pool, W):
     import anyattn
-    from test_neighborhood import global_inputs, rank_run
+    from test_cp_neighborhood import global_inputs, rank_run
     spatial, args = (4 * W, 5), ((3, 3), (2, 1), (1, 2), (False, True))
     q, k, v, do, dl = global_inputs(spatial, 1, 2, 1, 4, 3)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
