@@ -9,8 +9,8 @@ for contiguous and stripe, 2 x 2 for zigzag). The global mask's ranges (`GlobalS
 - "masked": anything else (and any bias): the `blocked` engine with the global specs seen on the
   rectangle (`anyattn.subblock.BlockMask` / `BlockBias`), which skips empty tiles itself.
 
-"full" and "causal" rectangles without bias run the CPU flash kernel (`softmax.sdpa.flash_block_*`);
-elsewhere (and on GPU, where SDPA returns no LSE here) the `blocked` engine. Forward gives per query
+"full" and "causal" rectangles without bias run the CPU flash kernel (`softmax.sdpa.flash_block_*`) on
+CPU tensors; elsewhere the `blocked` engine. Forward gives per query
 segment `(out, lse)` (rectangles of a segment merged by `anyattn.lse.merge`); backward takes the rows'
 *final* `out` and `lse` and returns this block's share of dq, dk, dv and the bias gradients. Everything
 is computed in the work dtype (float32, or float64 for float64 inputs).
@@ -23,7 +23,7 @@ import torch
 from ..lse import merge
 from ..masks import Causal
 from ..softmax.blocked import DEFAULT_BLOCK_K, blocked_attention, blocked_block_backward
-from ..softmax.sdpa import flash_block_backward, flash_block_forward, lse_supported
+from ..softmax.sdpa import flash_block_backward, flash_block_forward
 from ..subblock import BlockBias, BlockMask, GlobalSpans, Run
 from ..validate import Shape
 from .layout import Layout
@@ -134,7 +134,7 @@ class Problem:
         return Shape(self.B, hkv * self.groups, hkv, rect.q1 - rect.q0, rect.k1 - rect.k0, self.D, self.D_v)
 
     def _flash(self, rect: Rect) -> bool:
-        return rect.kind in ("full", "causal") and lse_supported(self.device)
+        return rect.kind in ("full", "causal") and self.device.type == "cpu"  # the CPU flash op
 
     # ---------------------------------------------------------------------------------- forward
     def block_forward(self, rects: list, q, k, v, heads: tuple):
