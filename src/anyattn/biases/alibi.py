@@ -46,6 +46,12 @@ class Alibi(Bias):
         qp, kp = _positions(q0, q1, k0, k1, n_q, n_k, s.device, w)
         return -(s.to(w).view(1, -1, 1, 1) * (qp - kp).abs_())
 
+    def at(self, tensors, b, h, q_idx, kv_idx, n_q, n_k):
+        s = tensors[0]
+        w = _work(s.dtype)
+        sh = s.to(w)[h if s.shape[0] > 1 else torch.zeros_like(h)]
+        return -(sh * (q_idx + (n_k - n_q) - kv_idx).to(w).abs_())
+
     def bias_mod(self, n_q, n_k):
         s, off = self.slopes, n_k - n_q
         w = _work(s.dtype)

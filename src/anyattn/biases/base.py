@@ -27,6 +27,13 @@ def _positions(q0, q1, k0, k1, n_q, n_k, device, dtype):
     return qp, kp
 
 
+def _gather4(t: torch.Tensor, b, h, q, k) -> torch.Tensor:
+    """`t[b, h, q, k]` of a 4-d tensor with broadcast index tensors; size-1 dims of t are not indexed."""
+    z = torch.zeros((1, 1, 1, 1), dtype=torch.long, device=t.device)
+    return t[b if t.shape[0] > 1 else z, h if t.shape[1] > 1 else z, q if t.shape[2] > 1 else z,
+             k if t.shape[3] > 1 else z]
+
+
 def _causal_implied(mask, n_q: int, n_k: int) -> bool:
     """True when every (i, j) the mask allows has `j <= p_i` (the bottom-right causal half)."""
     from .. import masks as M
@@ -58,6 +65,20 @@ class Bias:
 
     def dense(self, n_q: int, n_k: int) -> torch.Tensor:
         return self.tile(self.tensors(), 0, n_q, 0, n_k, n_q, n_k)
+
+    def at(self, tensors: Sequence[torch.Tensor], b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+           kv_idx: torch.Tensor, n_q: int, n_k: int) -> torch.Tensor:
+        """The bias at broadcast index tensors, like `Mask.allowed`: b `(B', 1, 1, 1)`, h `(1, H', 1, 1)`,
+        q_idx `(1, 1, Tq, 1)`, kv_idx `(1, 1, 1, Tk)` (raw indices of the `n_q x n_k` problem, any order or
+        stride) -> a tensor broadcastable to `(B', H', Tq, Tk)`, differentiable in `tensors` (explicit, so
+        a backward that rebuilds tiles from detached copies gets gradients). Used for blocks whose
+        positions are not contiguous (a strided shard). This default evaluates `tile` on the indices'
+        bounding box and gathers; the specs override it with their formula."""
+        qi, ki = q_idx.reshape(-1), kv_idx.reshape(-1)
+        q0, k0 = int(qi.min()), int(ki.min())
+        t = self.tile(tensors, q0, int(qi.max()) + 1, k0, int(ki.max()) + 1, n_q, n_k)
+        t = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+        return _gather4(t, b, h, q_idx - q0, kv_idx - k0)
 
     def bias_mod(self, n_q: int, n_k: int):
         """The bias as a FlexAttention-style callable `(b, h, q_idx, kv_idx) -> float tensor` on raw
@@ -109,6 +130,9 @@ class Sum(Bias):
 
     def terms(self):
         return self.a.terms() + self.b.terms()
+
+    def at(self, tensors, *args):
+        return self.a.at(tensors[:self._na], *args) + self.b.at(tensors[self._na:], *args)
 
     def bias_mod(self, n_q, n_k):
         fa, fb = self.a.bias_mod(n_q, n_k), self.b.bias_mod(n_q, n_k)

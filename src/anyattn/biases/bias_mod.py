@@ -59,6 +59,10 @@ class BiasMod(Bias):
         out = out.to(_work(out.dtype))
         return out.expand(*out.shape[:2], q1 - q0, k1 - k0)
 
+    def at(self, tensors, b, h, q_idx, kv_idx, n_q, n_k):
+        out = self._call(tensors, b, h, q_idx, kv_idx)
+        return out.to(_work(out.dtype))
+
     def bias_mod(self, n_q, n_k):
         def mod(b, h, q_idx, kv_idx):
             out = self.fn(b, h, q_idx, kv_idx, *self.params)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..validate import check_broadcast, check_tensor
-from .base import Bias, pick
+from .base import Bias, _gather4, pick
 
 class Dense(Bias):
     """An explicit bias tensor broadcastable to `(B, H, N_q, N_k)` (1 to 4 dims, right-aligned).
@@ -36,6 +36,9 @@ class Dense(Bias):
         qs = slice(q0, q1) if t.shape[2] > 1 else slice(None)
         ks = slice(k0, k1) if t.shape[3] > 1 else slice(None)
         return t[:, :, qs, ks]
+
+    def at(self, tensors, b, h, q_idx, kv_idx, n_q, n_k):
+        return _gather4(self._4d(tensors[0]), b, h, q_idx, kv_idx)
 
     def bias_mod(self, n_q, n_k):
         t = self._4d(self.bias)

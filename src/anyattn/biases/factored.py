@@ -45,6 +45,16 @@ class Factored(Bias):
         w = _work(torch.promote_types(u.dtype, v.dtype))
         return torch.matmul(u[:, :, q0:q1].to(w), v[:, :, k0:k1].to(w).transpose(-1, -2))
 
+    def at(self, tensors, b, h, q_idx, kv_idx, n_q, n_k):
+        def take(t, idx):
+            t = self._4d(t)
+            t = t[b.reshape(-1)] if t.shape[0] > 1 else t
+            t = t[:, h.reshape(-1)] if t.shape[1] > 1 else t
+            return t[:, :, idx.reshape(-1)]
+        u, v = take(tensors[0], q_idx), take(tensors[1], kv_idx)
+        w = _work(torch.promote_types(u.dtype, v.dtype))
+        return torch.matmul(u.to(w), v.to(w).transpose(-1, -2))
+
     def bias_mod(self, n_q, n_k):
         u, v = self._4d(self.u), self._4d(self.v)
         w = _work(torch.promote_types(u.dtype, v.dtype))

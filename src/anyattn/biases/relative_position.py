@@ -118,6 +118,11 @@ class RelativePosition(Bias):
             return self._t5_lut(n_q, n_k, device)[kp - qp + (n_k - 1)]
         return self.index(qp, kp)
 
+    def at(self, tensors, b, h, q_idx, kv_idx, n_q, n_k):
+        t = tensors[0]
+        idx = self.index(q_idx.reshape(-1, 1) + (n_k - n_q), kv_idx.reshape(1, -1))
+        return t.to(_work(t.dtype))[idx.unsqueeze(0).unsqueeze(0), h if t.shape[1] > 1 else torch.zeros_like(h)]
+
     def bias_mod(self, n_q, n_k):
         t, off = self.table, n_k - n_q
         if self.kind == "t5":

@@ -67,6 +67,15 @@ class SpatialDistance(Bias):
         d2 = (xt.unsqueeze(2) - yt.unsqueeze(1)).square().sum(-1)  # (B|1, Tq, Tk)
         return -(w.to(wd).view(1, -1, 1, 1) * d2.unsqueeze(1))
 
+    def at(self, tensors, b, h, q_idx, kv_idx, n_q, n_k):
+        x, y, w = self._split(tensors, n_q, n_k)
+        wd = _work(torch.promote_types(x.dtype, w.dtype))
+        x = x[b.reshape(-1)] if x.shape[0] > 1 else x
+        y = y[b.reshape(-1)] if y.shape[0] > 1 else y
+        xt, yt = x[:, q_idx.reshape(-1)].to(wd), y[:, kv_idx.reshape(-1)].to(wd)
+        d2 = (xt.unsqueeze(2) - yt.unsqueeze(1)).square().sum(-1).unsqueeze(1)  # (B'|1, 1, Tq, Tk)
+        return -(w.to(wd)[h if w.shape[0] > 1 else torch.zeros_like(h)] * d2)
+
     def bias_mod(self, n_q, n_k):
         x, w = self.coords, self.weight
         y = self.key_coords if self.key_coords is not None else x

@@ -149,26 +149,61 @@ class _FusedLSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse_raw, attn_mask = ctx.saved_tensors
-        kern = ctx.kern
         if dout is None:
             dout = torch.zeros_like(out)
-        lse_raw = lse_raw.masked_fill(lse_raw == NEG_INF, float("inf"))
-        if dlse is None:
-            dq, dk, dv = kern.backward(dout, q, k, v, out, lse_raw, ctx.extra, attn_mask, ctx.is_causal, ctx.scale)
-            return dq, dk, dv, None, None, None, None
-        W, dv_ = q.shape[-1], ctx.d_v
-        Wa = kern.width(max(W, dv_ + 1))
+        dq, dk, dv = _fused_backward(ctx.kern, q, k, v, out, lse_raw, ctx.extra, dout, dlse, attn_mask,
+                                     ctx.is_causal, ctx.scale, ctx.d_v)
+        return dq, dk, dv, None, None, None, None
 
-        def widen(x, col):  # x[..., :dv_], then the extra column, then zeros up to Wa
-            parts = [x[..., :dv_], col, x.new_zeros(x.shape[:-1] + (Wa - dv_ - 1,))]
-            return torch.cat(parts, -1)
-        ones = v.new_ones(v.shape[:-1] + (1,))
-        v_aug = widen(v, ones)
-        o_aug = widen(out, out.new_zeros(out.shape[:-1] + (1,)))
-        do_aug = widen(dout, dlse.unsqueeze(-1).to(dout.dtype))
-        dq, dk, dv = kern.backward(do_aug, _pad_last(q, Wa), _pad_last(k, Wa), v_aug, o_aug, lse_raw, ctx.extra,
-                                   attn_mask, ctx.is_causal, ctx.scale)
-        return dq[..., :W], dk[..., :W], _pad_last(dv[..., :dv_], W), None, None, None, None
+
+def _fused_backward(kern, q, k, v, out, lse_raw, extra, dout, dlse, attn_mask, is_causal, scale, d_v):
+    """The kernel's backward with the LSE's gradient folded in (see `_FusedLSE`). q, k, v, out, dout share
+    one head dim W (zero-padded); `d_v` is v's true head dim. Returns (dq, dk, dv) of width W."""
+    lse_raw = lse_raw.masked_fill(lse_raw == NEG_INF, float("inf"))
+    if dlse is None:
+        return kern.backward(dout, q, k, v, out, lse_raw, extra, attn_mask, is_causal, scale)
+    W, dv_ = q.shape[-1], d_v
+    Wa = kern.width(max(W, dv_ + 1))
+
+    def widen(x, col):  # x[..., :dv_], then the extra column, then zeros up to Wa
+        parts = [x[..., :dv_], col, x.new_zeros(x.shape[:-1] + (Wa - dv_ - 1,))]
+        return torch.cat(parts, -1)
+    ones = v.new_ones(v.shape[:-1] + (1,))
+    v_aug = widen(v, ones)
+    o_aug = widen(out, out.new_zeros(out.shape[:-1] + (1,)))
+    do_aug = widen(dout, dlse.unsqueeze(-1).to(dout.dtype))
+    dq, dk, dv = kern.backward(do_aug, _pad_last(q, Wa), _pad_last(k, Wa), v_aug, o_aug, lse_raw, extra,
+                               attn_mask, is_causal, scale)
+    return dq[..., :W], dk[..., :W], _pad_last(dv[..., :dv_], W)
+
+
+def flash_block_forward(q, k, v, is_causal: bool, scale: float):
+    """CPU flash attention of one block, without autograd, for callers that merge blocks by LSE
+    (`anyattn.distributed`). q `(B, H, N_q, D)`, k `(B, H_kv, N_k, D)`, v `(B, H_kv, N_k, D_v)`; no mask or a
+    top-left causal one with `N_q <= N_k` (no empty row). Returns out `(B, H, N_q, D_v)`, lse `(B, H, N_q)`."""
+    G, d_v = q.shape[1] // k.shape[1], v.shape[-1]
+    W = max(q.shape[-1], d_v)
+    if G > 1:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    out, lse, _, _ = _CpuFlash.forward(_pad_last(q, W), _pad_last(k, W), _pad_last(v, W), None, is_causal, scale)
+    return out[..., :d_v], lse
+
+
+def flash_block_backward(q, k, v, out, lse, dout, dlse, is_causal: bool, scale: float):
+    """Gradients `(dq, dk, dv)` of one block given the rows' *final* `out` and `lse` over all key blocks
+    (FlashAttention's backward needs nothing else: `p = exp(s - lse)` is the global probability and
+    `delta = rowsum(dout * out) - dlse`). Shapes as in `flash_block_forward`; dlse may be None."""
+    G, D, d_v = q.shape[1] // k.shape[1], q.shape[-1], v.shape[-1]
+    W = max(D, d_v)
+    if G > 1:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    dq, dk, dv = _fused_backward(_CpuFlash, _pad_last(q, W), _pad_last(k, W), _pad_last(v, W), _pad_last(out, W),
+                                 lse, (), _pad_last(dout, W), dlse, None, is_causal, scale, d_v)
+    dq, dk, dv = dq[..., :D], dk[..., :D], dv[..., :d_v]
+    if G > 1:
+        dk = dk.unflatten(1, (-1, G)).sum(2)
+        dv = dv.unflatten(1, (-1, G)).sum(2)
+    return dq, dk, dv
 
 
 def lse_supported(device: torch.device, dtype: torch.dtype | None = None) -> bool:
