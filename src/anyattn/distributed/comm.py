@@ -239,7 +239,7 @@ class Comm:
         s = self.isend(t, dst, tag, _op=None)
         shape, dtype, _ = _like(like)
         self.log.add("sendrecv", 0 if dst == self.rank else nbytes(t),
-                     0 if src == self.rank else torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size())
+                     0 if src == self.rank else torch.Size(shape).numel() * dtype.itemsize)
         return Work([s], r, lambda rr: rr.wait())
 
     def sendrecv(self, t: torch.Tensor, dst: int, like, src: int, tag: int = 0) -> torch.Tensor:

@@ -37,7 +37,7 @@ def slab(rank: int, rows: int, n: int, k: int, d: int, s: int, causal: bool) -> 
     """Key rows `[start, end)` rank `rank` (owning rows `[rank * rows, (rank + 1) * rows)` of an axis of n)
     needs, with start aligned to `d * s` and at least `k * d` rows (the engine's minimum size)."""
     a = rank * rows
-    x = torch.arange(a, a + rows)
+    x = torch.arange(a, a + rows)  # host: slab bounds are plain integers
     g, c = x % d, x // d
     ng = group_sizes(n, d, g)
     lo, hi = window(c, ng, k, s, causal)

@@ -143,7 +143,7 @@ class ThreadComm(Comm):
         t.copy_(acc)
 
     def _barrier(self):
-        self._all_gather(torch.zeros(1))
+        self._all_gather(torch.zeros(1))  # host: thread ranks share host memory
 
 
 def run_threads(world_size: int, fn, *args, timeout_s: float = DEFAULT_TIMEOUT_S, **kwargs) -> list:
