@@ -9,3 +9,9 @@ from .comm import Comm, CommLog, CommRecord, as_comm
 from .layout import Layout, Segment, shard, unshard
 
 __all__ = ["Comm", "CommLog", "CommRecord", "as_comm", "Layout", "Segment", "shard", "unshard", "testing"]
+
+# state passing (linear family, SSD, selective scan)
+from . import cost
+from .linear_family import linear, selective_scan, ssd
+
+__all__ += ["linear", "ssd", "selective_scan", "cost"]
