@@ -12,6 +12,8 @@ __all__ = ["Comm", "CommLog", "CommRecord", "as_comm", "Layout", "Segment", "sha
 
 # state passing (linear family, SSD, selective scan)
 from . import cost
+from .context import context_parallel
+from .conv_halo import causal_conv, causal_conv_halo
 from .linear_family import linear, selective_scan, ssd
 
-__all__ += ["linear", "ssd", "selective_scan", "cost"]
+__all__ += ["linear", "ssd", "selective_scan", "cost", "causal_conv_halo", "causal_conv", "context_parallel"]

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import torch
 
+from .conv_halo import next_tag
 from .state import Affine, fold, runs
 
-PIPELINE_TAG = 12  # point-to-point tag of the pipeline's state messages
 
 
 # ------------------------------------------------------------------------------------------- summary
@@ -64,7 +64,28 @@ def summary(problem, layout, comm, S0, want_final: bool = True):
     s_in = {(r, j): s for (_, r, j, _), s in zip(everyone, entering)}
     outs = [f if isinstance(f, torch.Tensor) else f(s_in[(rank, j)]) for j, f in enumerate(finished)]
     o = outs[0] if len(outs) == 1 else torch.cat(outs, problem.out_seq)
+    if all(isinstance(f, torch.Tensor) for f in finished) and W > 1:
+        o = tie(o, *gathered)            # rank 0 reads no other map, but its all_gather must run backward too
     return o, (final if want_final else None)
+
+
+class _Tie(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, o, *others):
+        ctx.metas = [(x.shape, x.dtype, x.device) for x in others]
+        return o.view_as(o)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g,) + tuple(torch.zeros(s, dtype=d, device=v) for s, d, v in ctx.metas)
+
+
+def tie(o, *others):
+    """o unchanged, with `others` attached to its graph (zero gradients): a collective's backward must run
+    on every rank, also on ranks whose outputs do not depend on its result."""
+    if not torch.is_grad_enabled() or not any(x.requires_grad for x in others):
+        return o
+    return _Tie.apply(o, *others)
 
 
 # ------------------------------------------------------------------------------------------- ulysses
@@ -72,9 +93,10 @@ def check_heads(problem, W: int) -> str | None:
     """Why Ulysses / the pipeline cannot split `problem`'s heads in W blocks (None: they can)."""
     sizes = dict(problem.head_sizes())
     sizes["state"] = problem.heads()
-    bad = {n: h for n, h in sizes.items() if h % W}
+    bad = sorted({h for h in sizes.values() if h % W})
     if bad:
-        return f"head counts {bad} must be divisible by {W}"
+        names = [n for n, h in sizes.items() if h % W]
+        return f"the head (channel) counts {bad} of {names} must be divisible by W = {W}"
     return None
 
 
@@ -117,7 +139,10 @@ def ulysses(problem, layout, comm, S0, want_final: bool = True):
     if order is not None:
         o = o.index_select(problem.out_seq, order.to(o.device))
     o = comm.all_to_all(o, problem.out_seq, problem.out_head)
-    final = torch.cat(comm.all_gather(S.contiguous()), problem.state_head) if want_final else None
+    final = None
+    if want_final:
+        final = torch.cat(comm.all_gather(S.contiguous()), problem.state_head)
+        o = tie(o, final)                # its backward runs on every rank, used there or not
     return o, final
 
 
@@ -140,7 +165,7 @@ def pipeline(problem, layout, comm, S0, want_final: bool = True, parts: int = 8)
     names = list(problem.args)
     values = [problem.args[n].value for n in names]
     blocks = pipeline_blocks(problem, parts)
-    return _Pipeline.apply(problem, comm, blocks, want_final, names, S0, *values)
+    return _Pipeline.apply(problem, comm, (blocks, next_tag(comm)), want_final, names, S0, *values)
 
 
 def _block_view(x, block, dim):
@@ -153,8 +178,9 @@ def _block_view(x, block, dim):
 
 class _Pipeline(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, problem, comm, blocks, want_final, names, S0, *values):
+    def forward(ctx, problem, comm, plan, want_final, names, S0, *values):
         rank, W = comm.rank, comm.world_size
+        blocks, tag = plan
         needs = ctx.needs_input_grad[6:]
         full = dict(zip(names, (v.detach() for v in values)))
         s0_grad = S0 is not None and ctx.needs_input_grad[5]
@@ -167,7 +193,7 @@ class _Pipeline(torch.autograd.Function):
             sub = problem.slice_block(full, *block)
             leaves = {n: x.detach().requires_grad_(needs[names.index(n)]) for n, x in sub.items()}
             if rank > 0:
-                S_in = comm.recv((problem.state_shape(sub), problem.state_dtype(), device), rank - 1, PIPELINE_TAG)
+                S_in = comm.recv((problem.state_shape(sub), problem.state_dtype(), device), rank - 1, tag)
                 S_in.requires_grad_(any_grad)
             elif S0 is not None:
                 S_in = _block_view(S0.detach(), block, problem.state_head).detach().requires_grad_(s0_grad)
@@ -176,7 +202,7 @@ class _Pipeline(torch.autograd.Function):
             with torch.enable_grad():
                 o, S = problem.run(leaves, S_in)
             if rank < W - 1:
-                sends.append(comm.isend(S.detach(), rank + 1, PIPELINE_TAG))
+                sends.append(comm.isend(S.detach(), rank + 1, tag))
             if o_full is None:
                 shape = list(o.shape)
                 shape[0] = state_shape[0]
@@ -188,7 +214,7 @@ class _Pipeline(torch.autograd.Function):
         for w in sends:
             w.wait()
         ctx.problem, ctx.comm, ctx.blocks, ctx.want_final, ctx.names = problem, comm, blocks, want_final, names
-        ctx.graphs, ctx.state_shape = graphs, state_shape
+        ctx.graphs, ctx.state_shape, ctx.tag = graphs, state_shape, tag
         ctx.s0_meta = None if S0 is None else (S0.shape, S0.dtype, S0.device)
         ctx.value_meta = [(v.shape, v.dtype, v.device) for v in values]
         final = comm.broadcast(S_full, W - 1) if want_final else S_full.new_zeros(0)
@@ -196,7 +222,7 @@ class _Pipeline(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        problem, comm = ctx.problem, ctx.comm
+        problem, comm, tag = ctx.problem, ctx.comm, ctx.tag
         rank, W = comm.rank, comm.world_size
         needs = ctx.needs_input_grad[6:]
         grads = [torch.zeros(s, dtype=dt, device=dev) if n else None for (s, dt, dev), n in zip(ctx.value_meta, needs)]
@@ -213,7 +239,7 @@ class _Pipeline(torch.autograd.Function):
         sends = []
         for block, (leaves, S_in, o, S) in zip(ctx.blocks, ctx.graphs):
             if rank < W - 1:
-                dS_out = comm.recv(S.detach(), rank + 1, PIPELINE_TAG)
+                dS_out = comm.recv(S.detach(), rank + 1, tag)
             elif dS_total is not None:
                 dS_out = _block_view(dS_total, block, problem.state_head)
             else:
@@ -230,7 +256,7 @@ class _Pipeline(torch.autograd.Function):
                 if gr is not None:
                     problem.slice_block({n: gbuf[n]}, *block)[n].add_(gr)
             if rank > 0:
-                sends.append(comm.isend(torch.zeros_like(S) if dS_in is None else dS_in, rank - 1, PIPELINE_TAG))
+                sends.append(comm.isend(torch.zeros_like(S) if dS_in is None else dS_in, rank - 1, tag))
             elif dS0 is not None and dS_in is not None:
                 _block_view(dS0, block, problem.state_head).add_(dS_in)
         for w in sends:
