@@ -15,5 +15,7 @@ from . import cost
 from .context import context_parallel
 from .conv_halo import causal_conv, causal_conv_halo
 from .linear_family import linear, selective_scan, ssd
+from .offload import AttentionServer, RemoteKVCache, partial_decode, stop_servers
 
-__all__ += ["linear", "ssd", "selective_scan", "cost", "causal_conv_halo", "causal_conv", "context_parallel"]
+__all__ += ["linear", "ssd", "selective_scan", "cost", "causal_conv_halo", "causal_conv", "context_parallel",
+            "partial_decode", "AttentionServer", "RemoteKVCache", "stop_servers"]
