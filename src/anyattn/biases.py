@@ -47,6 +47,13 @@ def _positions(q0, q1, k0, k1, n_q, n_k, device, dtype):
     return qp, kp
 
 
+def _gather4(t: torch.Tensor, b, h, q, k) -> torch.Tensor:
+    """`t[b, h, q, k]` of a 4-d tensor with broadcast index tensors; size-1 dims of t are not indexed."""
+    z = torch.zeros((1, 1, 1, 1), dtype=torch.long, device=t.device)
+    return t[b if t.shape[0] > 1 else z, h if t.shape[1] > 1 else z, q if t.shape[2] > 1 else z,
+             k if t.shape[3] > 1 else z]
+
+
 def _causal_implied(mask, n_q: int, n_k: int) -> bool:
     """True when every (i, j) the mask allows has `j <= p_i` (the bottom-right causal half)."""
     from . import masks as M
@@ -78,6 +85,19 @@ class Bias:
 
     def dense(self, n_q: int, n_k: int) -> torch.Tensor:
         return self.tile(self.tensors(), 0, n_q, 0, n_k, n_q, n_k)
+
+    def at(self, tensors: Sequence[torch.Tensor], b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+           kv_idx: torch.Tensor, n_q: int, n_k: int) -> torch.Tensor:
+        """The bias at broadcast index tensors, like `Mask.allowed`: b `(B', 1, 1, 1)`, h `(1, H', 1, 1)`,
+        q_idx `(1, 1, Tq, 1)`, kv_idx `(1, 1, 1, Tk)` (raw indices of the `n_q x n_k` problem, any order or
+        stride) -> a tensor broadcastable to `(B', H', Tq, Tk)`, differentiable in `tensors`. Used for
+        blocks whose positions are not contiguous (a strided shard). This default evaluates `tile` on the
+        indices' bounding box and gathers; the specs override it with their formula."""
+        qi, ki = q_idx.reshape(-1), kv_idx.reshape(-1)
+        q0, k0 = int(qi.min()), int(ki.min())
+        t = self.tile(tensors, q0, int(qi.max()) + 1, k0, int(ki.max()) + 1, n_q, n_k)
+        t = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+        return _gather4(t, b, h, q_idx - q0, kv_idx - k0)
 
     def exact_rank(self, mask, n_q: int, n_k: int) -> int | None:
         """Rank of the exact factorization valid on the keys `mask` allows, or None (cheap, no compute)."""
@@ -132,6 +152,9 @@ class Dense(Bias):
         ks = slice(k0, k1) if t.shape[3] > 1 else slice(None)
         return t[:, :, qs, ks]
 
+    def at(self, tensors, b, h, q_idx, kv_idx, n_q, n_k):
+        return _gather4(self._4d(tensors[0]), b, h, q_idx, kv_idx)
+
     def __repr__(self):
         return f"Dense(shape={tuple(self.bias.shape)})"
 
@@ -155,6 +178,9 @@ class Sum(Bias):
 
     def tile(self, tensors, *args):
         return self.a.tile(tensors[:self._na], *args) + self.b.tile(tensors[self._na:], *args)
+
+    def at(self, tensors, *args):
+        return self.a.at(tensors[:self._na], *args) + self.b.at(tensors[self._na:], *args)
 
     def terms(self):
         return self.a.terms() + self.b.terms()
@@ -222,6 +248,12 @@ class Alibi(Bias):
         w = _work(s.dtype)
         qp, kp = _positions(q0, q1, k0, k1, n_q, n_k, s.device, w)
         return -(s.to(w).view(1, -1, 1, 1) * (qp - kp).abs_())
+
+    def at(self, tensors, b, h, q_idx, kv_idx, n_q, n_k):
+        s = tensors[0]
+        w = _work(s.dtype)
+        sh = s.to(w)[h if s.shape[0] > 1 else torch.zeros_like(h)]
+        return -(sh * (q_idx + (n_k - n_q) - kv_idx).to(w).abs_())
 
     def _split(self, n_k):
         """`(hi, lo)` with `hi` short enough that `hi * m` is exact in float32 for |m| <= n_k."""
@@ -382,6 +414,11 @@ class RelativePosition(Bias):
         idx = self._index(q0, q1, k0, k1, n_q, n_k, t.device)
         return t.to(_work(t.dtype)).t()[:, idx].unsqueeze(0)  # (1, H, Tq, Tk)
 
+    def at(self, tensors, b, h, q_idx, kv_idx, n_q, n_k):
+        t = tensors[0]
+        idx = self.index(q_idx.reshape(-1, 1) + (n_k - n_q), kv_idx.reshape(1, -1))
+        return t.to(_work(t.dtype))[idx.unsqueeze(0).unsqueeze(0), h if t.shape[1] > 1 else torch.zeros_like(h)]
+
     def __repr__(self):
         return f"RelativePosition.{self.kind}(table={tuple(self.table.shape)})"
 
@@ -447,6 +484,15 @@ class SpatialDistance(Bias):
         d2 = (xt.unsqueeze(2) - yt.unsqueeze(1)).square().sum(-1)  # (B|1, Tq, Tk)
         return -(w.to(wd).view(1, -1, 1, 1) * d2.unsqueeze(1))
 
+    def at(self, tensors, b, h, q_idx, kv_idx, n_q, n_k):
+        x, y, w = self._split(tensors, n_q, n_k)
+        wd = _work(torch.promote_types(x.dtype, w.dtype))
+        x = x[b.reshape(-1)] if x.shape[0] > 1 else x
+        y = y[b.reshape(-1)] if y.shape[0] > 1 else y
+        xt, yt = x[:, q_idx.reshape(-1)].to(wd), y[:, kv_idx.reshape(-1)].to(wd)
+        d2 = (xt.unsqueeze(2) - yt.unsqueeze(1)).square().sum(-1).unsqueeze(1)  # (B'|1, 1, Tq, Tk)
+        return -(w.to(wd)[h if w.shape[0] > 1 else torch.zeros_like(h)] * d2)
+
     def exact_rank(self, mask, n_q, n_k):
         return self.coords.shape[-1] + 2
 
@@ -509,6 +555,16 @@ class Factored(Bias):
         u, v = self._4d(tensors[0]), self._4d(tensors[1])
         w = _work(torch.promote_types(u.dtype, v.dtype))
         return torch.matmul(u[:, :, q0:q1].to(w), v[:, :, k0:k1].to(w).transpose(-1, -2))
+
+    def at(self, tensors, b, h, q_idx, kv_idx, n_q, n_k):
+        def pick(t, idx):
+            t = self._4d(t)
+            t = t[b.reshape(-1)] if t.shape[0] > 1 else t
+            t = t[:, h.reshape(-1)] if t.shape[1] > 1 else t
+            return t[:, :, idx.reshape(-1)]
+        u, v = pick(tensors[0], q_idx), pick(tensors[1], kv_idx)
+        w = _work(torch.promote_types(u.dtype, v.dtype))
+        return torch.matmul(u.to(w), v.to(w).transpose(-1, -2))
 
     def exact_rank(self, mask, n_q, n_k):
         return self.rank
@@ -573,6 +629,10 @@ class BiasMod(Bias):
         out = self._call(tensors, b, h, q_idx, kv_idx)
         out = out.to(_work(out.dtype))
         return out.expand(*out.shape[:2], q1 - q0, k1 - k0)
+
+    def at(self, tensors, b, h, q_idx, kv_idx, n_q, n_k):
+        out = self._call(tensors, b, h, q_idx, kv_idx)
+        return out.to(_work(out.dtype))
 
     def __repr__(self):
         return f"BiasMod({getattr(self.fn, '__name__', 'fn')})"

@@ -36,6 +36,42 @@ def test_gloo_gradients_and_tags(pool, W):
         assert torch.equal(g1, torch.full((2,), float((r - 1) % W)))
 
 
+# ---------------------------------------------------------------------------------------------- attention
+ATTN = [dict(kind="zigzag", mask="causal", bias="alibi", algo="ring"),
+        dict(kind="stripe", mask="document", bias="spatial", algo="allgather"),
+        dict(kind="contiguous", mask="mask_mod", bias="t5_bi", algo="ulysses", H=12, H_kv=2),
+        dict(kind="zigzag", mask="key_padding", bias="none", algo="ring", kv_heads_per_pass=1)]
+
+
+@pytest.mark.parametrize("W", [2, 3, 4])
+@pytest.mark.parametrize("spec", ATTN, ids=lambda s: s["algo"] + "-" + s["kind"])
+def test_gloo_attention_equals_single_process(pool, W, spec):
+    from anyattn.distributed.testing import run_threads
+    from attn_cases import case, max_rel_error, rank_run
+    c = case(W=W, **spec)
+    res = pool.run(rank_run, c, world_size=W)
+    errs = max_rel_error(c, res)
+    assert max(errs.values()) <= 1e-10, errs
+    threads = run_threads(W, rank_run, c)
+    assert [r["log"] for r in res] == [r["log"] for r in threads]  # the same bytes and ops as the formulas' tests
+
+
+
+# ---------------------------------------------------------------------------------------------- neighborhood
+@pytest.mark.parametrize("W", [2, 3, 4])
+def test_gloo_neighborhood_equals_single_process(pool, W):
+    import anyattn
+    from test_neighborhood import global_inputs, rank_run
+    spatial, args = (4 * W, 5), ((3, 3), (2, 1), (1, 2), (False, True))
+    q, k, v, do, dl = global_inputs(spatial, 1, 2, 1, 4, 3)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out, lse = anyattn.neighborhood(q, k, v, *args, return_lse=True)
+    grads = torch.autograd.grad((out * do).sum() + (lse * dl).sum(), (q, k, v))
+    res = pool.run(rank_run, spatial, args, 1, world_size=W)
+    for i, want in enumerate((out, lse) + grads):
+        torch.testing.assert_close(torch.cat([r[i] for r in res], 2), want, rtol=1e-10, atol=1e-10)
+
+# ---------------------------------------------------------------------------------------------- last: restarts the pool
 def _raise_on_rank_one(comm):
     if comm.rank == 1:
         raise KeyError("boom on rank 1")

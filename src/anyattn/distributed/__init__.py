@@ -8,14 +8,19 @@ from . import testing
 from .comm import Comm, CommLog, CommRecord, as_comm
 from .layout import Layout, Segment, shard, unshard
 
-__all__ = ["Comm", "CommLog", "CommRecord", "as_comm", "Layout", "Segment", "shard", "unshard", "testing"]
+# softmax attention (ring / all-gather / Ulysses)
+from .attention import all_reduce_grads, attention, choose_algo, explain_attention  # noqa: E402
+from .halo import neighborhood  # noqa: E402
 
-# state passing (linear family, SSD, selective scan)
-from . import cost
-from .context import context_parallel
-from .conv_halo import causal_conv, causal_conv_halo
-from .linear_family import linear, selective_scan, ssd
-from .offload import AttentionServer, RemoteKVCache, partial_decode, stop_servers
+__all__ = ["Comm", "CommLog", "CommRecord", "as_comm", "Layout", "Segment", "shard", "unshard", "testing",
+           "attention", "explain_attention", "choose_algo", "all_reduce_grads", "neighborhood"]
+
+# state passing (linear family, SSD, selective scan), short-convolution halos, nn context, offloading
+from . import cost  # noqa: E402
+from .context import context_parallel  # noqa: E402
+from .conv_halo import causal_conv, causal_conv_halo  # noqa: E402
+from .linear_family import linear, selective_scan, ssd  # noqa: E402
+from .offload import AttentionServer, RemoteKVCache, partial_decode, stop_servers  # noqa: E402
 
 __all__ += ["linear", "ssd", "selective_scan", "cost", "causal_conv_halo", "causal_conv", "context_parallel",
             "partial_decode", "AttentionServer", "RemoteKVCache", "stop_servers"]

@@ -177,6 +177,26 @@ class _BlockedAttention(torch.autograd.Function):
         return (None, dq, dk, dv, *dbias)
 
 
+def _make_plan(mask, bias, scale, shape, block_q, block_k) -> _Plan:
+    spans = mask.tile_ranges(shape.N_q, shape.N_k, block_q) if mask is not None else \
+        [Span(0, shape.N_k, 0, shape.N_k)] * ((shape.N_q + block_q - 1) // block_q)
+    return _Plan(shape, scale, mask, bias, block_q, block_k, spans)
+
+
+def blocked_block_backward(q, k, v, out, lse, dout, dlse, mask, bias, scale: float, shape: Shape,
+                           block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K):
+    """Gradients of one key block given the rows' *final* `out` and `lse` over all key blocks, for callers
+    that merge blocks by LSE (`anyattn.distributed`): the backward recomputes `p = exp(s - lse)`, the
+    global probabilities, and `delta = rowsum(dout * out) - dlse`. Inputs in float32/float64 (the
+    work dtype); dlse may be None. Returns `(dq, dk, dv, dbias)` with dbias one gradient (or None when
+    not required) per `bias.tensors()`."""
+    plan = _make_plan(mask, bias, scale, shape, block_q, block_k)
+    bias_tensors = tuple(bias.tensors()) if bias is not None else ()
+    needs = [t.requires_grad for t in bias_tensors]
+    dq, dk, dv, dbias = _backward(plan, q, k, v, out, lse, dout, dlse, [t.detach() for t in bias_tensors], needs)
+    return dq, dk, dv, dbias
+
+
 def blocked_attention(q, k, v, mask, bias, scale: float, shape: Shape,
                       block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K):
     """Exact attention by tiles. q `(B, H, N_q, D)`, k `(B, H_kv, N_k, D)`, v `(B, H_kv, N_k, D_v)`;
@@ -184,9 +204,7 @@ def blocked_attention(q, k, v, mask, bias, scale: float, shape: Shape,
     dtype and lse `(B, H, N_q)` in float32 (float64 for float64 inputs)."""
     dtype = q.dtype
     work = torch.promote_types(dtype, torch.float32)
-    spans = mask.tile_ranges(shape.N_q, shape.N_k, block_q) if mask is not None else \
-        [Span(0, shape.N_k, 0, shape.N_k)] * ((shape.N_q + block_q - 1) // block_q)
-    plan = _Plan(shape, scale, mask, bias, block_q, block_k, spans)
+    plan = _make_plan(mask, bias, scale, shape, block_q, block_k)
     bias_tensors = tuple(bias.tensors()) if bias is not None else ()
     out, lse = _BlockedAttention.apply(plan, q.to(work), k.to(work), v.to(work), *bias_tensors)
     return out.to(dtype), lse

@@ -88,25 +88,60 @@ class _FlashCPU(torch.autograd.Function):
         q, k, v, out, lse, attn_mask = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        if dlse is not None:
-            # d lse_i / d s_ij = p_ij, i.e. ds_ij = p_ij (dp_ij - delta_i + dlse_i). Append a value
-            # column of ones (dp gains dlse_i) whose output column is reported as 0 (delta unchanged).
-            W, dv_ = q.shape[-1], ctx.d_v
-            Wa = max(W, dv_ + 1)
-            col = torch.zeros(v.shape[:-1] + (1,), dtype=v.dtype, device=v.device)
-            v_aug = torch.cat([v[..., :dv_], col + 1, torch.zeros(v.shape[:-1] + (Wa - dv_ - 1,), dtype=v.dtype,
-                                                                 device=v.device)], -1)
-            o_aug = _pad_last(out[..., :dv_], Wa)
-            do_aug = torch.cat([dout[..., :dv_], dlse.unsqueeze(-1).to(dout.dtype),
-                                torch.zeros(dout.shape[:-1] + (Wa - dv_ - 1,), dtype=dout.dtype, device=dout.device)], -1)
-            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                do_aug, _pad_last(q, Wa), _pad_last(k, Wa), v_aug, o_aug, lse, 0.0, ctx.is_causal,
-                attn_mask=attn_mask, scale=ctx.scale)
-            dq, dk, dv = dq[..., :W], dk[..., :W], _pad_last(dv[..., :dv_], W)
-        else:
-            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                dout, q, k, v, out, lse, 0.0, ctx.is_causal, attn_mask=attn_mask, scale=ctx.scale)
+        dq, dk, dv = _flash_backward(q, k, v, out, lse, dout, dlse, attn_mask, ctx.is_causal, ctx.scale, ctx.d_v)
         return dq, dk, dv, None, None, None, None
+
+
+def _flash_backward(q, k, v, out, lse, dout, dlse, attn_mask, is_causal, scale, d_v):
+    """The CPU flash backward with the LSE's gradient folded in. q, k, v, out, dout share one head dim W
+    (zero-padded); `d_v` is v's true head dim. Returns (dq, dk, dv) of width W."""
+    if dlse is not None:
+        # d lse_i / d s_ij = p_ij, i.e. ds_ij = p_ij (dp_ij - delta_i + dlse_i). Append a value
+        # column of ones (dp gains dlse_i) whose output column is reported as 0 (delta unchanged).
+        W, dv_ = q.shape[-1], d_v
+        Wa = max(W, dv_ + 1)
+        col = torch.zeros(v.shape[:-1] + (1,), dtype=v.dtype, device=v.device)
+        v_aug = torch.cat([v[..., :dv_], col + 1, torch.zeros(v.shape[:-1] + (Wa - dv_ - 1,), dtype=v.dtype,
+                                                             device=v.device)], -1)
+        o_aug = _pad_last(out[..., :dv_], Wa)
+        do_aug = torch.cat([dout[..., :dv_], dlse.unsqueeze(-1).to(dout.dtype),
+                            torch.zeros(dout.shape[:-1] + (Wa - dv_ - 1,), dtype=dout.dtype, device=dout.device)], -1)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do_aug, _pad_last(q, Wa), _pad_last(k, Wa), v_aug, o_aug, lse, 0.0, is_causal,
+            attn_mask=attn_mask, scale=scale)
+        return dq[..., :W], dk[..., :W], _pad_last(dv[..., :dv_], W)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
+
+
+def flash_block_forward(q, k, v, is_causal: bool, scale: float):
+    """CPU flash attention of one block, without autograd, for callers that merge blocks by LSE
+    (`anyattn.distributed`). q `(B, H, N_q, D)`, k `(B, H_kv, N_k, D)`, v `(B, H_kv, N_k, D_v)`; no mask or a
+    top-left causal one with `N_q <= N_k` (no empty row). Returns out `(B, H, N_q, D_v)`, lse `(B, H, N_q)`."""
+    G, d_v = q.shape[1] // k.shape[1], v.shape[-1]
+    W = max(q.shape[-1], d_v)
+    if G > 1:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        _pad_last(q, W), _pad_last(k, W), _pad_last(v, W), 0.0, is_causal, scale=scale)
+    return out[..., :d_v], lse
+
+
+def flash_block_backward(q, k, v, out, lse, dout, dlse, is_causal: bool, scale: float):
+    """Gradients `(dq, dk, dv)` of one block given the rows' *final* `out` and `lse` over all key blocks
+    (FlashAttention's backward needs nothing else: `p = exp(s - lse)` is the global probability and
+    `delta = rowsum(dout * out) - dlse`). Shapes as in `flash_block_forward`; dlse may be None."""
+    G, D, d_v = q.shape[1] // k.shape[1], q.shape[-1], v.shape[-1]
+    W = max(D, d_v)
+    if G > 1:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    dq, dk, dv = _flash_backward(_pad_last(q, W), _pad_last(k, W), _pad_last(v, W), _pad_last(out, W),
+                                 lse, _pad_last(dout, W), dlse, None, is_causal, scale, d_v)
+    dq, dk, dv = dq[..., :D], dk[..., :D], dv[..., :d_v]
+    if G > 1:
+        dk = dk.unflatten(1, (-1, G)).sum(2)
+        dv = dv.unflatten(1, (-1, G)).sum(2)
+    return dq, dk, dv
 
 
 def lse_supported(device: torch.device) -> bool:
