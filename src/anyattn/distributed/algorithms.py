@@ -93,9 +93,10 @@ def check_heads(problem, W: int) -> str | None:
     """Why Ulysses / the pipeline cannot split `problem`'s heads in W blocks (None: they can)."""
     sizes = dict(problem.head_sizes())
     sizes["state"] = problem.heads()
-    bad = sorted({h for h in sizes.values() if h % W})
+    grouped = {n for n, a in problem.args.items() if a.groups}
+    names = [n for n, h in sizes.items() if h % W and not (n in grouped and W % h == 0)]
+    bad = sorted({sizes[n] for n in names})
     if bad:
-        names = [n for n, h in sizes.items() if h % W]
         return f"the head (channel) counts {bad} of {names} must be divisible by W = {W}"
     return None
 
@@ -125,6 +126,9 @@ def ulysses(problem, layout, comm, S0, want_final: bool = True):
         else:
             if arg.head is None:
                 x = torch.cat(comm.all_gather(x.contiguous()), arg.seq)
+            elif x.shape[arg.head] % W:       # fewer groups than ranks: every rank takes its heads' group
+                h = x.shape[arg.head]
+                x = torch.cat(comm.all_gather(x.contiguous()), arg.seq).narrow(arg.head, rank // (W // h), 1)
             else:
                 x = comm.all_to_all(x, arg.head, arg.seq)
             if inv is not None:

@@ -184,9 +184,6 @@ def linear(op, q, k, v, *args, layout, group=None, algo: str = "auto", initial_s
         raise TypeError(f"arguments do not match anyattn.linear.{name}: {e}") from None
     bound.apply_defaults()
     p = bound.arguments
-    for reserved in ("initial_state", "output_final_state"):
-        if p.get(reserved) not in (None, False):
-            raise TypeError(f"pass {reserved} to anyattn.distributed.linear directly")
     if name == "linear_attention":
         problem, S0, post, direct = _linear_attention(p, layout, comm.rank, initial_state, output_final_state)
     elif name == "mom":

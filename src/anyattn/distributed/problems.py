@@ -34,11 +34,13 @@ from .state import Affine
 @dataclass
 class Arg:
     """A tensor argument: `seq` its sequence dim (None: a parameter, the same on every rank), `head`
-    its head / channel dim (None: shared by every head). Per-token tensors have the batch at dim 0."""
+    its head / channel dim (None: shared by every head), `groups`: that dim holds groups of heads (the
+    selective scan's grouped B, C). Per-token tensors have the batch at dim 0."""
 
     value: torch.Tensor
     seq: int | None
     head: int | None
+    groups: bool = False      # the head dim holds groups, each shared by a contiguous block of heads
 
 
 class Problem:
@@ -224,7 +226,7 @@ class ScanProblem(Problem):
     def __init__(self, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus: bool = False, *,
                  mode: str = "chunk", chunk_size: int = 32, compile="auto"):
         def bc(X):
-            return Arg(X, X.dim() - 1, 1 if X.dim() == 4 and X.shape[1] > 1 else None)
+            return Arg(X, X.dim() - 1, 1 if X.dim() == 4 and X.shape[1] > 1 else None, groups=True)
         super().__init__({"u": Arg(u, 2, 1), "delta": Arg(delta, 2, 1), "A": Arg(A, None, 0), "B": bc(B),
                           "C": bc(C), "D": Arg(D, None, 0), "z": Arg(z, 2, 1), "delta_bias": Arg(delta_bias, None, 0)})
         self.softplus, self.mode, self.chunk_size, self.compile = delta_softplus, mode, chunk_size, compile
