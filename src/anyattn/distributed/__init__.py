@@ -19,8 +19,8 @@ __all__ = ["Comm", "CommLog", "CommRecord", "as_comm", "Layout", "Segment", "sha
 from . import cost  # noqa: E402
 from .context import context_parallel  # noqa: E402
 from .conv_halo import causal_conv, causal_conv_halo  # noqa: E402
-from .linear_family import linear, selective_scan, ssd  # noqa: E402
+from .linear_family import explain_linear, linear, selective_scan, ssd  # noqa: E402
 from .offload import AttentionServer, RemoteKVCache, partial_decode, stop_servers  # noqa: E402
 
-__all__ += ["linear", "ssd", "selective_scan", "cost", "causal_conv_halo", "causal_conv", "context_parallel",
+__all__ += ["linear", "explain_linear", "ssd", "selective_scan", "cost", "causal_conv_halo", "causal_conv", "context_parallel",
             "partial_decode", "AttentionServer", "RemoteKVCache", "stop_servers"]

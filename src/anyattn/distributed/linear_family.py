@@ -159,18 +159,7 @@ def _mom(p, initial_state, output_final_state):
 
 
 # -------------------------------------------------------------------------------------------- public
-def linear(op, q, k, v, *args, layout, group=None, algo: str = "auto", initial_state=None,
-           output_final_state: bool = False, **kwargs):
-    """Context-parallel `anyattn.linear` op over sequence shards.
-
-    op: a name in `OPS` or the function (`anyattn.linear.gated_delta_rule`, ...). q, k, v and the
-    per-token gates / beta / router weights: this rank's rows (`(B, H, n_local, D)`, MoM's k, v, g,
-    beta `(B, H, M, n_local, .)`); other arguments as the op takes them (`feature_map`, `slopes`,
-    `scale`, `mode`, `chunk_size`, ...). layout: an `ad.Layout` of the global sequence. algo:
-    "summary", "ulysses", "pipeline" or "auto". Returns `o` (this rank's rows), or `(o, final_state)`
-    with `output_final_state=True` (the same final state on every rank).
-    """
-    comm = as_comm(group)
+def _prepare(op, q, k, v, args, kwargs, layout, comm, algo, initial_state, output_final_state):
     name, fn = _resolve_op(op)
     _check_algo(algo)
     _check_flag("output_final_state", output_final_state)
@@ -185,17 +174,51 @@ def linear(op, q, k, v, *args, layout, group=None, algo: str = "auto", initial_s
     bound.apply_defaults()
     p = bound.arguments
     if name == "linear_attention":
-        problem, S0, post, direct = _linear_attention(p, layout, comm.rank, initial_state, output_final_state)
-    elif name == "mom":
-        problem, S0, post, direct = _mom(p, initial_state, output_final_state)
-    else:
-        problem, S0, post, direct = _gated(name, p, initial_state, output_final_state)
+        return _linear_attention(p, layout, comm.rank, initial_state, output_final_state)
+    if name == "mom":
+        return _mom(p, initial_state, output_final_state)
+    return _gated(name, p, initial_state, output_final_state)
+
+
+def linear(op, q, k, v, *args, layout, group=None, algo: str = "auto", initial_state=None,
+           output_final_state: bool = False, **kwargs):
+    """Context-parallel `anyattn.linear` op over sequence shards.
+
+    op: a name in `OPS` or the function (`anyattn.linear.gated_delta_rule`, ...). q, k, v and the
+    per-token gates / beta / router weights: this rank's rows (`(B, H, n_local, D)`, MoM's k, v, g,
+    beta `(B, H, M, n_local, .)`); other arguments as the op takes them (`feature_map`, `slopes`,
+    `scale`, `mode`, `chunk_size`, ...). layout: an `ad.Layout` of the global sequence. algo:
+    "summary", "ulysses", "pipeline" or "auto". Returns `o` (this rank's rows), or `(o, final_state)`
+    with `output_final_state=True` (the same final state on every rank).
+    """
+    comm = as_comm(group)
+    problem, S0, post, direct = _prepare(op, q, k, v, args, kwargs, layout, comm, algo, initial_state,
+                                         output_final_state)
     if direct is not None:
         o, S = direct(comm)
     else:
         o, S = run_problem(problem, layout, comm, S0, algo, output_final_state)
     o = post(o)
     return (o, S) if output_final_state else o
+
+
+def explain_linear(op, q, k, v, *args, layout, group=None, backward: bool | None = None, machine=None, **kwargs):
+    """What `algo="auto"` of `linear(op, q, k, v, *args, layout=..., **kwargs)` picks on this rank's inputs:
+    `{"algo": ..., "estimates": {algo: seconds per rank}, "profile": ...}` from `cost.estimate` (no
+    communication). backward: estimate forward+backward (default: whether an input requires grad)."""
+    from . import cost
+    comm = as_comm(group)
+    problem, _, _, direct = _prepare(op, q, k, v, args, kwargs, layout, comm, "auto", None, False)
+    if direct is not None:
+        return {"algo": "all_reduce", "estimates": {}, "profile": None}
+    if backward is None:
+        backward = any(a.value.requires_grad for a in problem.args.values())
+    W = comm.world_size
+    machine = machine or cost.default_machine(problem)
+    prof = cost.profile(problem)
+    est = cost.estimate(prof, W, layout.kind, machine, backward, len(runs(layout, 0)))
+    return {"algo": "local" if W == 1 else cost.choose(problem, layout, W, machine, backward), "estimates": est,
+            "profile": prof}
 
 
 def ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus: bool = False, *, layout, group=None,
