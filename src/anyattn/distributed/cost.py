@@ -55,13 +55,15 @@ MACHINES = {
     # 2-core CPU, 1 thread per rank, gloo over loopback (bench `cp` measures these).
     "cpu": Machine("cpu", flop_rate=3.0e10, step_overhead=8e-6, bandwidth=1.5e9, latency=1e-4,
                    copy_bandwidth=6e9, backward_ratio=4.5),
-    # H100 SXM per GPU: an effective 200 TFLOP/s for the chunk kernels (about 20% of the 989 TFLOP/s bf16
-    # dense peak), bf16 traffic, fused kernels (a few us per step).
-    "nvlink": Machine("nvlink", flop_rate=2.0e14, step_overhead=5e-7, bandwidth=4.5e11, latency=5e-6,
+    # GPUs (the projection): H100 SXM with fused chunk kernels (sequential chunk steps inside a kernel, ~20 ns
+    # each), an assumed effective 150 TFLOP/s (about 15% of the 989 TFLOP/s bf16 dense peak), bf16 traffic.
+    # Links per GPU and direction: NVLink 4 450 GB/s, PCIe 5.0 x16 64 GB/s, InfiniBand NDR 50 GB/s; latency of
+    # a small NCCL collective step 10 / 15 / 20 us (docs/distributed.md has the sources).
+    "nvlink": Machine("nvlink", flop_rate=1.5e14, step_overhead=2e-8, bandwidth=4.5e11, latency=1e-5,
                       copy_bandwidth=2.0e12, bytes_per_element=2),
-    "pcie": Machine("pcie", flop_rate=2.0e14, step_overhead=5e-7, bandwidth=6.4e10, latency=1e-5,
+    "pcie": Machine("pcie", flop_rate=1.5e14, step_overhead=2e-8, bandwidth=6.4e10, latency=1.5e-5,
                     copy_bandwidth=2.0e12, bytes_per_element=2),
-    "infiniband": Machine("infiniband", flop_rate=2.0e14, step_overhead=5e-7, bandwidth=5.0e10, latency=5e-6,
+    "infiniband": Machine("infiniband", flop_rate=1.5e14, step_overhead=2e-8, bandwidth=5.0e10, latency=2e-5,
                           copy_bandwidth=2.0e12, bytes_per_element=2),
 }
 
@@ -84,6 +86,7 @@ class Profile:
     out_elems: int
     map_elems: int
     M: int = 1
+    state_elems: int = 0
 
 
 def profile(problem, n: int | None = None) -> Profile:
@@ -101,11 +104,37 @@ def profile(problem, n: int | None = None) -> Profile:
         q, v = a["q"], a["v"]
         fam = "delta" if problem.delta else "decay"
         return Profile(fam, shape[0], shape[1], q.shape[1], shape[2], shape[3], n, in_elems,
-                       q.shape[1] * v.shape[-1] * q.shape[0], map_elems)
+                       q.shape[1] * v.shape[-1] * q.shape[0], map_elems, state_elems=state)
     if isinstance(problem, MoMProblem):
         return Profile("mom", shape[0], shape[1], shape[1], shape[3], shape[4], n, in_elems,
-                       shape[0] * shape[1] * shape[4], map_elems, M=shape[2])
-    return Profile("scan", shape[0], shape[1], shape[1], shape[2], 1, n, in_elems, shape[0] * shape[1], map_elems)
+                       shape[0] * shape[1] * shape[4], map_elems, M=shape[2], state_elems=state)
+    return Profile("scan", shape[0], shape[1], shape[1], shape[2], 1, n, in_elems, shape[0] * shape[1], map_elems,
+                   state_elems=state)
+
+
+def lm_profile(family: str, n: int, B: int = 1, H: int = 8, D: int = 64) -> Profile:
+    """The profile of a layer's mixer call without tensors: q, k, v `(B, H, n, D)` with the gates of the
+    family ("decay": a scalar log-decay per token, as retention / Mamba-2; "delta": Gated DeltaNet)."""
+    state = B * H * D * D
+    if family == "delta":
+        return Profile("delta", B, H, H, D, D, n, B * H * (3 * D + 2), B * H * D, state + B * H * D * D,
+                       state_elems=state)
+    return Profile("decay", B, H, H, D, D, n, B * H * (3 * D + 1), B * H * D, state + B * H, state_elems=state)
+
+
+def bytes_per_rank(p: Profile, W: int, algo: str, element_size: int = 4) -> int:
+    """Bytes one rank sends in one forward (the most over ranks; backward sends as much again) on the
+    contiguous layout, without initial or final state: summary `(W - 1) map`, Ulysses `(W - 1) / W n
+    (inputs + outputs)`, pipeline one state."""
+    if W == 1:
+        return 0
+    if algo == "summary":
+        return (W - 1) * p.map_elems * element_size
+    if algo == "ulysses":
+        return (W - 1) * p.n * (p.in_elems + p.out_elems) * element_size // W
+    if algo == "pipeline":
+        return p.state_elems * element_size
+    raise ValueError(f"algo must be 'summary', 'ulysses' or 'pipeline', got {algo!r}")
 
 
 def _flops_per_token(p: Profile, V: int | None = None) -> float:
@@ -207,16 +236,42 @@ def projection(family: str = "delta", N: int = 1 << 20, B: int = 1, H: int = 8, 
     rows = []
     for link in links:
         for W in worlds:
-            n = N // W
-            K = V = D
-            state = B * H * K * V
-            mp = state + (B * H * K * K if family == "delta" else B * H)
-            in_elems = B * H * (3 * D + (2 if family == "delta" else 1))
-            p = Profile(family, B, H, H, K, V, n, in_elems, B * H * V, mp)
-            est = estimate(p, W, "contiguous", link, backward)
+            est = estimate(lm_profile(family, N // W, B, H, D), W, "contiguous", link, backward)
             algos = {k: v for k, v in est.items() if k in ("summary", "ulysses", "pipeline")}
             rows.append({"link": link, "W": W, **est, "best": min(algos, key=algos.get)})
     return rows
+
+
+def plot_projection(rows, path: str) -> str | None:
+    """Time per rank against W, one panel per link, one line per algorithm; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    import os
+    links = list(dict.fromkeys(r["link"] for r in rows))
+    fig, axes = plt.subplots(1, len(links), figsize=(4.2 * len(links), 3.6), squeeze=False, sharey=True)
+    for ax, link in zip(axes[0], links):
+        sub = [r for r in rows if r["link"] == link]
+        for algo in ("summary", "ulysses", "pipeline"):
+            pts = [(r["W"], r[algo] * 1e3) for r in sub if algo in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=algo)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("W (devices)")
+        ax.set_title(link)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("ms per layer per rank (fwd+bwd)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Gated DeltaNet layer, N = 2^20 tokens, B=1 H=8 D=64 bf16: cost-model projection", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def with_overrides(machine: str | Machine, **kw) -> Machine:
