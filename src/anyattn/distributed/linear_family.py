@@ -132,11 +132,9 @@ def _gated(name, p, initial_state, output_final_state):
     if delta:
         beta = _check_beta("beta", p["beta"], k)
     scale = _check_common(q, k, v, p["scale"], initial_state, p["mode"], p["chunk_size"], output_final_state)
-    dt = _compute_dtype(q)
-    problem = LinearProblem(q.to(dt), k.to(dt), v.to(dt), None if g is None else g.to(dt),
-                            None if beta is None else beta.to(dt), scale=scale, mode=p["mode"],
-                            chunk_size=p["chunk_size"])
-    S0 = None if initial_state is None else initial_state.to(dt)
+    # inputs keep their dtype (Ulysses moves bf16 as bf16); the ops compute in fp32 / fp64 and so does the fold
+    problem = LinearProblem(q, k, v, g, beta, scale=scale, mode=p["mode"], chunk_size=p["chunk_size"])
+    S0 = None if initial_state is None else initial_state.to(_compute_dtype(q))
     return problem, S0, (lambda o: o.to(q.dtype)), None
 
 
@@ -153,8 +151,8 @@ def _mom(p, initial_state, output_final_state):
     if initial_state is not None:
         _check_shape("initial_state", initial_state, (B, H, M, K, v.shape[-1]), "(B, H, M, D_k, D_v)", q)
         S0 = initial_state.to(dt)
-    problem = MoMProblem(q.to(dt), k.to(dt), v.to(dt), g.to(dt), beta.to(dt), w.to(dt),
-                         scale=check_scale(p["scale"], K), mode=p["mode"], chunk_size=p["chunk_size"])
+    problem = MoMProblem(q, k, v, g, beta, w, scale=check_scale(p["scale"], K), mode=p["mode"],
+                         chunk_size=p["chunk_size"])
     return problem, S0, (lambda o: o.to(q.dtype)), None
 
 

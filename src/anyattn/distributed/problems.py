@@ -71,7 +71,8 @@ class Problem:
         raise NotImplementedError
 
     def state_dtype(self) -> torch.dtype:
-        return next(iter(self.args.values())).value.dtype
+        """States are fp32 (fp64 for fp64 inputs), whatever the input dtype."""
+        return torch.float64 if self.args[next(iter(self.args))].value.dtype == torch.float64 else torch.float32
 
     def length(self, a: dict) -> int:
         name, arg = next((n, x) for n, x in self.args.items() if x.seq is not None)
@@ -107,7 +108,7 @@ def _grouped_read(qt, S):
     """`qt (B, H_q, n, K)` rows times the state of their key/value head `S (B, H, K, V)`."""
     B, Hq, n, K = qt.shape
     H = S.shape[1]
-    return (qt.reshape(B, H, Hq // H, n, K) @ S[:, :, None]).reshape(B, Hq, n, S.shape[-1])
+    return (qt.to(S.dtype).reshape(B, H, Hq // H, n, K) @ S[:, :, None]).reshape(B, Hq, n, S.shape[-1])
 
 
 def _identity_columns(S_shape_kv, K, dtype, device):
@@ -162,18 +163,18 @@ class LinearProblem(Problem):
             B, H, n, V = v.shape
             K = k.shape[-1]
             v_aug = torch.cat([v, v.new_zeros(B, H, n, K)], -1)
-            o_aug, S_aug = self.run({**a, "v": v_aug}, _identity_columns((B, H, K, V), K, v.dtype, v.device))
+            sdt = self.state_dtype()
+            o_aug, S_aug = self.run({**a, "v": v_aug}, _identity_columns((B, H, K, V), K, sdt, v.device))
             o0, qt = o_aug.split([V, K], -1)
             S_ext, M = S_aug.split([V, K], -1)
             return Affine("matrix", M, S_ext), lambda S_in: o0 + _grouped_read(qt, S_in)
         o0, S_ext = self.run(a, None)
-        qt = self.scale * q
+        qt = self.scale * q.to(S_ext.dtype)
         B, H = k.shape[:2]
         if self.gkind is None:
             amap = Affine(None, None, S_ext)
         else:
-            g = a["g"]
-            Gc = g.cumsum(2)
+            Gc = a["g"].to(S_ext.dtype).cumsum(2)
             G = qt.shape[1] // H
             if self.gkind == "scalar":
                 decay = torch.exp(Gc).repeat_interleave(G, 1)[..., None]
@@ -213,7 +214,7 @@ class MoMProblem(Problem):
         B, H, M, n, V = v.shape
         K = k.shape[-1]
         v_aug = torch.cat([v, v.new_zeros(B, H, M, n, K)], -1)
-        _, S_aug = self.run({**a, "v": v_aug}, _identity_columns((B, H, M, K, V), K, v.dtype, v.device))
+        _, S_aug = self.run({**a, "v": v_aug}, _identity_columns((B, H, M, K, V), K, self.state_dtype(), v.device))
         S_ext, Mt = S_aug.split([V, K], -1)
         return Affine("matrix", Mt, S_ext), lambda S_in: self.run(a, S_in)[0]
 
@@ -242,9 +243,6 @@ class ScanProblem(Problem):
     def state_shape(self, a):
         u = a["u"]
         return (u.shape[0], u.shape[1], a["A"].shape[-1])
-
-    def state_dtype(self):
-        return self.args["u"].value.dtype
 
     def map_shape(self, a):
         return "scale", self.state_shape(a)
