@@ -168,6 +168,11 @@ def pipeline(problem, layout, comm, S0, want_final: bool = True, parts: int = 8)
                          f"'contiguous' layout, got {layout.kind!r} (use algo='summary' or 'ulysses')")
     names = list(problem.args)
     values = [problem.args[n].value for n in names]
+    if getattr(problem, "phased", False):
+        units = problem.state_shape(problem.values())[0] * problem.heads()
+        P = max(d for d in range(1, parts + 1) if units % d == 0)
+        blocks = [slice(i * units // P, (i + 1) * units // P) for i in range(P)]
+        return _PhasedPipeline.apply(problem, comm, (blocks, next_tag(comm)), want_final, names, S0, *values)
     blocks = pipeline_blocks(problem, parts)
     return _Pipeline.apply(problem, comm, (blocks, next_tag(comm)), want_final, names, S0, *values)
 
@@ -267,3 +272,106 @@ class _Pipeline(torch.autograd.Function):
             w.wait()
         ctx.graphs = None
         return (None, None, None, None, None, dS0) + tuple(grads)
+
+
+class _PhasedPipeline(torch.autograd.Function):
+    """The pipeline for ops whose engine splits in phases (the delta rules): every rank first runs the
+    state-independent phase for all its rows at once (no waiting), then scans blocks of flattened
+    (batch, head) rows as their entering states arrive. Backward: the scans' backward in the same
+    block order (state gradients arrive from rank r + 1), then one backward of the first phase."""
+
+    @staticmethod
+    def forward(ctx, problem, comm, plan, want_final, names, S0, *values):
+        rank, W = comm.rank, comm.world_size
+        blocks, tag = plan
+        needs = ctx.needs_input_grad[6:]
+        s0_grad = S0 is not None and ctx.needs_input_grad[5]
+        any_grad = any(needs) or s0_grad
+        leaves = {n: v.detach().requires_grad_(r) for n, v, r in zip(names, values, needs)}
+        with torch.enable_grad():
+            shape, groups = problem.prepare(leaves)
+        B, H, K, V = shape[0], shape[1], shape[4], shape[5]
+        sdt = problem.state_dtype()
+        device = values[0].device
+        S0f = None if S0 is None else S0.detach().reshape(B * H, K, V)
+        graphs, sends, outs, states = [], [], [], []
+        for rows in blocks:
+            nrows = rows.stop - rows.start
+            sub = [tuple(None if x is None else x[rows].detach().requires_grad_(x.requires_grad) for x in grp)
+                   for grp in groups]
+            if rank > 0:
+                S_in = comm.recv(((nrows, K, V), sdt, device), rank - 1, tag).requires_grad_(any_grad)
+            elif S0f is not None:
+                S_in = S0f[rows].to(sdt).requires_grad_(s0_grad)
+            else:
+                S_in = torch.zeros(nrows, K, V, dtype=sdt, device=device)
+            with torch.enable_grad():
+                o, S = problem.scan(sub, S_in, None)
+            if rank < W - 1:
+                sends.append(comm.isend(S.detach(), rank + 1, tag))
+            graphs.append((sub, S_in, o, S))
+            outs.append(o.detach())
+            states.append(S.detach())
+        for w in sends:
+            w.wait()
+        o_rows = torch.cat(outs, 0).requires_grad_()
+        with torch.enable_grad():
+            o_full = problem.finish(shape, o_rows)
+        S_full = torch.cat(states, 0).reshape(B, H, K, V)
+        ctx.problem, ctx.comm, ctx.blocks, ctx.tag, ctx.want_final = problem, comm, blocks, tag, want_final
+        ctx.leaves, ctx.groups, ctx.graphs, ctx.o_rows, ctx.o_full = leaves, groups, graphs, o_rows, o_full
+        ctx.s0_meta = None if S0 is None else (S0.shape, S0.dtype, S0.device)
+        final = comm.broadcast(S_full, W - 1) if want_final else S_full.new_zeros(0)
+        return o_full.detach(), final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        comm, tag = ctx.comm, ctx.tag
+        rank, W = comm.rank, comm.world_size
+        o_grad = torch.zeros_like(ctx.o_rows) if do is None else \
+            torch.autograd.grad(ctx.o_full, ctx.o_rows, do)[0]
+        S_last = ctx.graphs[-1][3]
+        BH = ctx.o_rows.shape[0]
+        dS_total = None
+        if ctx.want_final:
+            K, V = S_last.shape[-2:]
+            g = dfinal if dfinal is not None else S_last.new_zeros(BH, K, V)
+            dS_total = comm.all_reduce(g.detach().reshape(BH, K, V).contiguous())
+        prep = [x for grp in ctx.groups for x in grp if x is not None and x.requires_grad]
+        pgrad = {id(x): torch.zeros_like(x) for x in prep}
+        dS0 = None
+        if ctx.s0_meta is not None and ctx.needs_input_grad[5]:
+            s, dt, dev = ctx.s0_meta
+            dS0 = torch.zeros(s, dtype=dt, device=dev).reshape(BH, *s[2:])
+        sends = []
+        for rows, (sub, S_in, o, S) in zip(ctx.blocks, ctx.graphs):
+            if rank < W - 1:
+                dS_out = comm.recv(S.detach(), rank + 1, tag)
+            elif dS_total is not None:
+                dS_out = dS_total[rows]
+            else:
+                dS_out = torch.zeros_like(S)
+            pairs = [(full, part) for grp_full, grp in zip(ctx.groups, sub) for full, part in zip(grp_full, grp)
+                     if part is not None and part.requires_grad]
+            wrt = [part for _, part in pairs]
+            with_s = S_in.requires_grad
+            if with_s:
+                wrt.append(S_in)
+            got = list(torch.autograd.grad([o, S], wrt, [o_grad[rows], dS_out], allow_unused=True)) if wrt else []
+            dS_in = got.pop() if with_s else None
+            for (full, _), gr in zip(pairs, got):
+                if gr is not None:
+                    pgrad[id(full)][rows] += gr
+            if rank > 0:
+                sends.append(comm.isend(torch.zeros_like(S) if dS_in is None else dS_in, rank - 1, tag))
+            elif dS0 is not None and dS_in is not None:
+                dS0[rows] += dS_in.to(dS0.dtype)
+        for w in sends:
+            w.wait()
+        names = list(ctx.leaves)
+        wrt = [ctx.leaves[n] for n in names if ctx.leaves[n].requires_grad]
+        got = iter(torch.autograd.grad(prep, wrt, [pgrad[id(x)] for x in prep], allow_unused=True)
+                   if prep and wrt else [None] * len(wrt))
+        grads = [next(got) if ctx.leaves[n].requires_grad else None for n in names]
+        ctx.graphs = ctx.groups = None
+        return (None, None, None, None, None, None if dS0 is None else dS0.reshape(ctx.s0_meta[0])) + tuple(grads)

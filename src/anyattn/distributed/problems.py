@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import linear as _L
+from ..linear import chunk as _chunk
 from ..ssm import selective_scan as _selective_scan
 from .state import Affine
 
@@ -139,6 +140,31 @@ class LinearProblem(Problem):
         self.gkind = None if g is None else ("scalar" if g.dim() == 3 else "vector")
         self.fn = _linear_fn(self.delta, self.gkind)
         self.scale, self.mode, self.chunk_size = scale, mode, chunk_size
+
+    @property
+    def phased(self) -> bool:
+        """The delta rules' chunk engine splits into a state-independent phase and a state scan."""
+        return self.delta and self.mode == "chunk"
+
+    def prepare(self, a):
+        """Phase 1 (`linear.chunk.delta_prepare`) for every row: `(shape, groups)`."""
+        dt = self.state_dtype()
+        k = a["k"]
+        q = a["q"].to(dt).reshape(k.shape[0], k.shape[1], a["q"].shape[1] // k.shape[1], *a["q"].shape[2:])
+        g = a.get("g")
+        return _chunk.delta_prepare(q, k.to(dt), a["v"].to(dt), a["beta"].to(dt), self.scale,
+                                    None if g is None else g.to(dt), self.chunk_size)
+
+    @staticmethod
+    def scan(groups, S, rows: slice):
+        """Phase 2 (`linear.chunk.delta_scan`) for the flattened (batch, head) `rows` from S `(rows, K, V)`."""
+        return _chunk.delta_scan(groups, S, rows)
+
+    @staticmethod
+    def finish(shape, o_rows):
+        """`(B * H, NC, Gq * C, V)` scanned rows -> o `(B, H_q, n, V)`."""
+        o = _chunk.delta_finish(shape, o_rows)
+        return o.reshape(o.shape[0], o.shape[1] * o.shape[2], *o.shape[3:])
 
     def run(self, a, S0):
         gates = [a[n] for n in ("g", "beta") if n in a]
