@@ -57,7 +57,7 @@ class Machine:
 MACHINES = {
     # 2-core CPU, 1 thread per rank, gloo over loopback (bench `cp` measures these).
     "cpu": Machine("cpu", flop_rate=3.0e10, step_overhead=8e-6, bandwidth=1.5e9, latency=1e-4,
-                   copy_bandwidth=6e9, backward_ratio=4.5),
+                   copy_bandwidth=6e9, backward_ratio=3.0),
     # GPUs (the projection): H100 SXM with fused chunk kernels (sequential chunk steps inside a kernel, ~20 ns
     # each), an assumed effective 150 TFLOP/s (about 15% of the 989 TFLOP/s bf16 dense peak), bf16 traffic.
     # Links per GPU and direction: NVLink 4 450 GB/s, PCIe 5.0 x16 64 GB/s, InfiniBand NDR 50 GB/s; latency of
