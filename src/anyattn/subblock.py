@@ -113,9 +113,6 @@ class BlockMask(Mask):
                              k.first_at_or_after(s.full_lo), k.first_at_or_after(s.full_hi), n_k))
         return out
 
-    def span(self, q0, q1, n_q, n_k):
-        return self.tile_ranges(q1 - q0, n_k, q1 - q0)[0] if q0 == 0 else super().span(q0, q1, n_q, n_k)
-
     def dense(self, B, H, n_q, n_k, device):
         return self.tile(0, n_q, 0, n_k, n_q, n_k, device)
 

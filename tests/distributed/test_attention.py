@@ -156,7 +156,7 @@ def test_argument_errors_and_explain():
     why = run_threads(2, _errors)[0]
     assert why.startswith("allgather")  # H = 3 does not split over 2 ranks, K/V small
     lay = ad.Layout("zigzag", 4, 64)
-    assert ad.choose_algo(4, lay, 1, 8, 8, 64, 64, 4, None, None).algo == "ulysses"
-    assert ad.choose_algo(1, lay, 1, 8, 8, 64, 64, 4, None, None).algo == "ring"
+    assert ad.choose_algo(4, lay, 1, 8, 8, 64, 64, 4).algo == "ulysses"
+    assert ad.choose_algo(1, lay, 1, 8, 8, 64, 64, 4).algo == "ring"
     big = ad.Layout("zigzag", 4, 1 << 20)
-    assert ad.choose_algo(4, big, 1, 6, 6, 64, 64, 4, None, None).algo == "ring"
+    assert ad.choose_algo(4, big, 1, 6, 6, 64, 64, 4).algo == "ring"

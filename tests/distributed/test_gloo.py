@@ -86,3 +86,19 @@ def test_gloo_failure_is_reported_and_the_pool_recovers(pool):
     with pytest.raises(RuntimeError, match="boom on rank 1"):
         pool.run(_raise_on_rank_one, world_size=2)
     assert pool.run(_ranks) == [(r, 4, "Comm") for r in range(4)]
+
+
+# ---------------------------------------------------------------------------------------------- bench helpers
+def test_bench_helpers_remote_contender_and_peak_memory():
+    from anyattn.bench import distributed as bd
+    from anyattn.bench.workloads.cp_attention import memory_rank, rank_attention
+    call = bd.remote(2, rank_attention, 64, "zigzag", "ring", name="t")
+    x = {"q": torch.zeros(3, requires_grad=True)}
+    call(x).backward()  # the ranks ran forward and backward; the parent's scalar is free
+    res = bd.last_results[("t", True)]
+    assert len(res) == 2 and res[0]["log"]["ops"] == {"sendrecv": 4} and res[0]["rank_s"] > 0
+    peaks = bd.peak_memory(2, memory_rank, 512, "zigzag", "ring", warmup_args=(256, "zigzag", "ring"),
+                           fixed_threshold=True)
+    # inputs: 3 x (1, 8, 256, 64) fp32 = 1.5 MiB per rank, and the run allocates more than nothing
+    assert all(p["with_inputs"] > p["without_inputs"] > 0 for p in peaks)
+    bd.pool(2).close()

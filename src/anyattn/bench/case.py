@@ -38,6 +38,11 @@ class Case:
     setup_seconds: one-time costs reported separately (e.g. compile time): a number, or a callable
         returning it (called after the contender has run once). Such contenders get an untimed
         warm-up call before timing.
+    metrics: figures measured beside the timings (per-rank memory, bytes per rank, load balance...):
+        a callable returning a JSON-able dict, called once after timing; printed under the case.
+        A case may have metrics and no contenders.
+    memory_skip: contenders whose peak memory the memory subprocess cannot see (e.g. work done in
+        other processes), with the reason.
     """
 
     workload: str
@@ -54,6 +59,8 @@ class Case:
     missing: dict[str, str] = field(default_factory=dict)
     skip: dict[str, str] = field(default_factory=dict)
     setup_seconds: dict[str, float] = field(default_factory=dict)
+    metrics: Callable[[], dict] | None = None
+    memory_skip: dict[str, str] = field(default_factory=dict)
 
 
 def first_tensor(out) -> torch.Tensor:

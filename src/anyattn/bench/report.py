@@ -52,6 +52,8 @@ def table(results: dict) -> str:
         for kind in ("skip", "missing", "failed"):
             for n, why in c.get(kind, {}).items():
                 lines.append(f"{n:<18}{kind}: {why}")
+        for key, val in c.get("metrics", {}).items():
+            lines.append(f"  {key}: {val if isinstance(val, (str, int, float)) else json.dumps(val, default=str)}")
     return "\n".join(lines)
 
 

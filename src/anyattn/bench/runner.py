@@ -75,7 +75,7 @@ def run_case(case: Case, index: int, *, quick: bool, memory: bool, budget_s: flo
         for n in names:
             if n in case.setup_seconds:
                 capture(n)()  # warm-up call: compile etc.
-        times_f = alternating({n: capture(n) for n in names}, budget_s=budget_s)
+        times_f = alternating({n: capture(n) for n in names}, budget_s=budget_s) if names else {}
     names = [n for n in names if n not in failed]
     progress.step(f"{case.workload} {case.label} forward")
     for n in names:
@@ -112,6 +112,11 @@ def run_case(case: Case, index: int, *, quick: bool, memory: bool, budget_s: flo
                 res["contenders"][n]["fwd_bwd_s"] = median(times_b[n])
                 res["contenders"][n]["fwd_bwd_repeats"] = len(times_b[n])
         progress.step(f"{case.workload} {case.label} forward+backward")
+    if case.metrics is not None:
+        try:
+            res["metrics"] = case.metrics()
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            res["metrics"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     base = res["contenders"].get(case.baseline, {})
     fb_flops = case.flops_backward if case.flops_backward is not None else 2.5 * case.flops
     for n, r in res["contenders"].items():
@@ -129,7 +134,9 @@ def run_case(case: Case, index: int, *, quick: bool, memory: bool, budget_s: flo
             r = res["contenders"][n]
             bwd = case.backward and n not in case.forward_only
             est = r.get("forward_s", 0) + (r.get("fwd_bwd_s", 0) if bwd else 0) + (r.get("setup_s") or 0)
-            if est > memory_max_s:
+            if n in case.memory_skip:
+                r["peak_bytes_forward_note"] = f"not measured here: {case.memory_skip[n]}"
+            elif est > memory_max_s:
                 r["peak_bytes_forward_note"] = f"not measured: one run takes {est:.0f} s"
             else:
                 jobs[n] = bwd

@@ -42,8 +42,7 @@ class AlgoChoice:
         return f"{self.algo}: {self.reason}"
 
 
-def choose_algo(W: int, layout, B: int, H: int, H_kv: int, D: int, D_v: int, element_size: int, mask,
-                bias) -> AlgoChoice:
+def choose_algo(W: int, layout, B: int, H: int, H_kv: int, D: int, D_v: int, element_size: int) -> AlgoChoice:
     """The rule behind `algo="auto"` (per-rank bytes b(x) of the local tensors, f = K/V head replication):
 
     1. W == 1: "ring" (no communication: the local engines on the whole problem);
@@ -110,8 +109,7 @@ def attention(q, k, v, *, layout, group=None, mask=None, bias=None, scale=None, 
     W = comm.world_size
     work = torch.promote_types(q.dtype, torch.float32)
     if algo == "auto":
-        algo = choose_algo(W, layout, shape.B, shape.H, shape.H_kv, shape.D, shape.D_v, q.element_size(),
-                           mask, bias).algo
+        algo = choose_algo(W, layout, shape.B, shape.H, shape.H_kv, shape.D, shape.D_v, q.element_size()).algo
     if algo == "ulysses":
         if shape.H % W != 0:
             raise ValueError(f"algo='ulysses' needs the number of heads H = {shape.H} divisible by the world size "
@@ -135,8 +133,7 @@ def explain_attention(q, k, v, *, layout, group=None, mask=None, bias=None, scal
     """What `algo="auto"` picks for these (local) inputs and why."""
     comm = as_comm(group)
     shape, _, mask, bias = _validate(q, k, v, layout, comm, mask, bias, scale, "auto", False)
-    return choose_algo(comm.world_size, layout, shape.B, shape.H, shape.H_kv, shape.D, shape.D_v, q.element_size(),
-                       mask, bias)
+    return choose_algo(comm.world_size, layout, shape.B, shape.H, shape.H_kv, shape.D, shape.D_v, q.element_size())
 
 
 def all_reduce_grads(params, group=None) -> None:

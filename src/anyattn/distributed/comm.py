@@ -191,10 +191,14 @@ class Comm:
             self.log.add(_op, nbytes(t), 0)
         return Work([self._isend(t, dst, tag)])
 
-    def irecv(self, like, src: int, tag: int = 0, *, _op: str | None = "recv") -> Work:
-        """Start receiving a tensor shaped like `like` from rank `src`; `wait()` returns it."""
+    def irecv(self, like, src: int, tag: int = 0, *, out: torch.Tensor | None = None,
+              _op: str | None = "recv") -> Work:
+        """Start receiving a tensor shaped like `like` from rank `src`; `wait()` returns it. `out`: a
+        contiguous tensor of that shape and dtype to receive into (reused buffers), else a new one."""
         self._check_rank("src", src)
         shape, dtype, device = _like(like)
+        if out is not None and (tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous()):
+            raise ValueError(f"out must be a contiguous {shape} {dtype} tensor, got {tuple(out.shape)} {out.dtype}")
         if src == self.rank:
             def take(_):
                 box = self._self_box.get(tag)
@@ -204,11 +208,11 @@ class Comm:
                 if tuple(got.shape) != shape or got.dtype != dtype:
                     raise ValueError(f"irecv like {shape} {dtype} does not match the tensor sent, {tuple(got.shape)} "
                                      f"{got.dtype}")
-                return got
+                return got if out is None else out.copy_(got)
             if _op:
                 self.log.add(_op, 0, 0)
             return Work([_Done()], None, take)
-        buf = torch.empty(shape, dtype=dtype, device=device)
+        buf = torch.empty(shape, dtype=dtype, device=device) if out is None else out
         if _op:
             self.log.add(_op, 0, nbytes(buf))
         return Work([self._irecv(buf, src, tag)], buf)
@@ -221,13 +225,17 @@ class Comm:
         """Receive a tensor shaped like `like` (a tensor or a `(shape, dtype)` pair) from rank `src`."""
         return self.irecv(like, src, tag).wait()
 
-    def isendrecv(self, t: torch.Tensor, dst: int, like, src: int, tag: int = 0) -> Work:
+    def isendrecv(self, t: torch.Tensor, dst: int, like, src: int, tag: int = 0, *,
+                  out: torch.Tensor | None = None) -> Work:
         """One ring step, started: send `t` to `dst` while receiving a tensor like `like` from `src`
-        (both non-blocking, so deadlock-free for any W); `wait()` returns the received tensor."""
+        (both non-blocking, so deadlock-free for any W); `wait()` returns the received tensor (in
+        `out` when given: it must not be `t`)."""
         self._check_rank("dst", dst)
         self._check_rank("src", src)
         t = self._check_tensor("t", t)
-        r = self.irecv(like, src, tag, _op=None)
+        if out is not None and out.data_ptr() == t.data_ptr():
+            raise ValueError("isendrecv: out must be a different buffer than the tensor sent")
+        r = self.irecv(like, src, tag, out=out, _op=None)
         s = self.isend(t, dst, tag, _op=None)
         shape, dtype, _ = _like(like)
         self.log.add("sendrecv", 0 if dst == self.rank else nbytes(t),

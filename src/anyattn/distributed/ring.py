@@ -10,7 +10,8 @@ each pass its own ring, so the travelling buffers stay small (memory O(n_local) 
 
 Backward (FlashAttention-style, no forward recompute): K/V travel the ring again and every rank adds
 its share of each block's dK/dV, computed from its rows' final (out, lse), to an fp32 accumulator that
-travels with the block; after W steps the accumulator reaches the block's owner. Per rank and pass:
+travels with the block; after W steps the accumulator reaches the block's owner. The travelling K/V
+and accumulators use two buffers each, in turn (no allocation per step). Per rank and pass:
 forward (W-1) K/V messages; backward (W-1) K/V messages plus W dK/dV messages.
 
 All-gather: one `all_gather` of every rank's K/V (O(N) memory), the same block loop locally; in backward
@@ -38,14 +39,15 @@ def _passes(H_kv: int, per: int):
 
 def _ring(comm, kv, tag):
     """Yield `(source rank, block)` for t = 0..W-1, overlapping the next block's transfer with the
-    consumer's work on the current one."""
+    consumer's work on the current one (two buffers, used in turn: no allocation per step)."""
     W, r = comm.world_size, comm.rank
     nxt, prv = (r + 1) % W, (r - 1) % W
+    spare = torch.empty_like(kv) if W > 1 else None
     for t in range(W):
-        req = comm.isendrecv(kv, nxt, kv, prv, tag) if t < W - 1 else None
+        req = comm.isendrecv(kv, nxt, kv, prv, tag, out=spare) if t < W - 1 else None
         yield (r - t) % W, kv
         if req is not None:
-            kv = req.wait()
+            kv, spare = req.wait(), kv
 
 
 def _order(comm):
@@ -100,13 +102,14 @@ def _backward(prob: Problem, comm, algo, per, q, k, v, out, lse, dout, dlse, gat
         shape = (B, g1 - g0, n, D + D_v)
         if algo == "ring":
             kv = torch.cat([k[:, g0:g1], v[:, g0:g1]], -1)
+            acc, spare = torch.zeros(shape, dtype=work, device=q.device), torch.empty(shape, dtype=work,
+                                                                                      device=q.device)
             acc_req = None
             for s, kv_s in _ring(comm, kv, TAG_BWD_KV):
-                contrib = torch.zeros(shape, dtype=work, device=q.device)
-                _block_grads(prob, r, s, kv_s, args, (h0, h1), dq[:, h0:h1], contrib, dbias)
-                if acc_req is not None:
-                    contrib += acc_req.wait()
-                acc_req = comm.isendrecv(contrib, nxt, contrib, prv, TAG_BWD_ACC)
+                if acc_req is not None:  # the accumulator of block s, from the previous rank
+                    acc, spare = acc_req.wait(), acc
+                _block_grads(prob, r, s, kv_s, args, (h0, h1), dq[:, h0:h1], acc, dbias)
+                acc_req = comm.isendrecv(acc, nxt, acc, prv, TAG_BWD_ACC, out=spare)
             home = acc_req.wait()  # after W hops the accumulator of my own block is back
         else:
             parts = gathered[i]

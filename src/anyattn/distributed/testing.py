@@ -292,7 +292,7 @@ class GlooPool:
 
     def close(self):
         """Stop the workers (politely, then by force) and remove the store."""
-        procs, self._procs = self._procs, []
+        procs, self._procs = [p for p in self._procs if p.pid is not None], []  # started ones only
         for q, p in zip(getattr(self, "_tasks", []), procs):
             if p.is_alive():
                 try:
