@@ -13,14 +13,14 @@ def _bench(args):
         for n, (_, desc) in sorted(registry().items()):
             print(f"{n:<12} {desc}")
         return 0
+    import os
+    os.environ["ANYATTN_BENCH_OUT"] = args.out    # workloads that write extra files (plots) put them there
     chosen = args.workloads or ["softmax"]
     unknown = [w for w in chosen if w not in names()]
     if unknown:
         print(f"unknown workload(s) {unknown}; available: {names()}", file=sys.stderr)
         return 2
     if args.threads is not None:
-        import os
-
         import torch
         torch.set_num_threads(args.threads)
         os.environ["ANYATTN_BENCH_THREADS"] = str(args.threads)  # for the memory subprocesses
