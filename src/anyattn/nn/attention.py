@@ -95,8 +95,8 @@ class Attention(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, N, dim={self.dim}), got {tuple(x.shape)}")
         if state is not None and not isinstance(state, KVCache) and not callable(getattr(state, "decode", None)):
-            raise TypeError(f"state must be None, the KVCache this layer returned or a cache with append / decode "
-                            f"(anyattn.distributed.RemoteKVCache), got {type(state).__name__}")
+            raise TypeError(f"state must be None or the KVCache this layer returned (or a cache with append / decode: "
+                            f"anyattn.distributed.RemoteKVCache), got {type(state).__name__}")
         B, N, _ = x.shape
         cp = context_parallel()                    # anyattn.distributed.context_parallel: this rank's rows
         if cp is not None:
