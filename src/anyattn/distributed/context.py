@@ -50,7 +50,7 @@ class ContextParallel:
                              "call it outside ad.context_parallel")
 
     def attention(self, q, k, v, **kw):
-        from . import attention as _attention
+        from .attention import attention as _attention
         return _attention(q, k, v, layout=self.layout, group=self.comm, algo=self.attention_algo, **kw)
 
     def linear(self, op, q, k, v, *args, **kw):

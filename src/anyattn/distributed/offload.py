@@ -68,7 +68,8 @@ def partial_decode(q: torch.Tensor, cache: KVCache, *, scale=None, q_positions=N
     scale = check_scale(scale, D)
     G = H // cache.H_kv
     if L == 0:
-        return q.new_zeros(B, H, T, cache.D_v), torch.full((B, H, T), float("-inf"), dtype=torch.float32)
+        return q.new_zeros(B, H, T, cache.D_v), torch.full((B, H, T), float("-inf"),
+                                                          dtype=torch.promote_types(q.dtype, torch.float32))
     k, v = cache.reconstruct()
     kp = key_positions[:, :L].to(q.device)
     valid = torch.arange(L, device=q.device)[None, :] < cache.lengths[:, None]
