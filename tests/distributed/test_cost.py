@@ -63,3 +63,8 @@ def test_projection_rows_and_plot(tmp_path):
         assert r["best"] == min(("summary", "ulysses", "pipeline"), key=lambda a: r.get(a, float("inf")))
     pytest.importorskip("matplotlib")
     assert cost.plot_projection(rows, str(tmp_path / "p.png")) and (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_no_feasible_algorithm_is_a_clear_error():
+    with pytest.raises(ValueError, match="no context-parallel algorithm applies"):
+        run_threads(3, _explain, "gated_delta_rule", "stripe", 12, 4)
