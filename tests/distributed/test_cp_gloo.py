@@ -16,9 +16,9 @@ def pool():
 
 
 LIN = [("gated_delta_rule", "contiguous", 4, "summary"), ("gated_delta_rule", "zigzag", 2, "ulysses"),
-       ("kda", "contiguous", 3, "pipeline"), ("ssd", "zigzag", 2, "summary"),
+       ("kda", "contiguous", 3, "pipeline:4"), ("ssd", "zigzag", 2, "summary"),
        ("selective_scan_groups", "contiguous", 4, "ulysses"), ("mom", "contiguous", 3, "summary"),
-       ("linear_cosformer", "contiguous", 4, "pipeline"), ("retention_head", "stripe", 2, "ulysses")]
+       ("linear_cosformer", "contiguous", 4, "pipeline:2"), ("retention_head", "stripe", 2, "ulysses")]
 
 
 @pytest.mark.parametrize("name,kind,W,algo", LIN, ids=[f"{n}-{a}-{k}-W{w}" for n, k, w, a in LIN])

@@ -16,7 +16,7 @@ TOL = 1e-10
 
 # (algo, layout, W): every op runs each of these
 RUNS = [("summary", "contiguous", 3), ("summary", "zigzag", 2), ("ulysses", "stripe", 2), ("ulysses", "zigzag", 4),
-        ("pipeline", "contiguous", 3), ("auto", "contiguous", 4)]
+        ("pipeline:8", "contiguous", 3), ("auto", "contiguous", 4)]
 
 
 def _check(name, kind, W, algo, **sizes):
@@ -37,15 +37,15 @@ def test_every_op_and_algorithm_equals_single_process(name, algo, kind, W):
 
 @pytest.mark.parametrize("W", [1, 2, 3, 4, 5, 6, 7, 8])
 def test_world_sizes_one_to_eight(W):
-    for algo in ("summary", "pipeline") + (("ulysses",) if 8 % W == 0 else ()):
+    for algo in ("summary", "pipeline", "pipeline:4") + (("ulysses",) if 8 % W == 0 else ()):
         _check("gated_delta_rule", "contiguous", W, algo, H=8, N=8 * W, D=3)
 
 
 @given(name=st.sampled_from(["gla", "gated_delta_rule", "kda", "retention_token", "ssd", "selective_scan"]),
        W=st.integers(1, 4), n=st.integers(1, 7), D=st.integers(1, 5), B=st.integers(1, 2),
-       algo=st.sampled_from(["summary", "pipeline", "ulysses"]), zigzag=st.booleans())
+       algo=st.sampled_from(["summary", "pipeline:3", "ulysses"]), zigzag=st.booleans())
 def test_property_shapes(name, W, n, D, B, algo, zigzag):
-    kind = "zigzag" if zigzag and algo != "pipeline" else "contiguous"
+    kind = "zigzag" if zigzag and not algo.startswith("pipeline") else "contiguous"
     H = 4
     if algo == "ulysses" and H % W:
         algo = "summary"
@@ -72,7 +72,7 @@ def test_summary_bytes_do_not_grow_with_n(name):
     assert logs[0] == logs[1]
 
 
-@pytest.mark.parametrize("algo", ["summary", "ulysses", "pipeline"])
+@pytest.mark.parametrize("algo", ["summary", "ulysses", "pipeline:4"])
 def test_bf16_error_grows_at_most_linearly_in_w(algo):
     errs = {}
     for W in (1, 2, 4, 8):
@@ -96,6 +96,7 @@ def _bad(comm, case):
 
 @pytest.mark.parametrize("case,err,match", [
     ({"algo": "ring"}, ValueError, "algo must be one of"),
+    ({"algo": "pipeline:0"}, ValueError, "'pipeline:P'"),
     ({"op": "softmax"}, ValueError, "op must be one of"),
     ({"algo": "ulysses", "W": 3}, ValueError, "must be divisible by W = 3"),
     ({"algo": "pipeline", "kind": "zigzag"}, ValueError, "needs the 'contiguous' layout"),

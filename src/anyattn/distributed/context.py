@@ -82,9 +82,8 @@ def context_parallel(group=None, layout: Layout | None = None, *, algo: str = "a
     if layout is None:
         raise ValueError("context_parallel needs layout= (an anyattn.distributed.Layout of the global sequence)")
     check_layout(layout, comm.world_size)
-    from .linear_family import ALGOS
-    if algo not in ALGOS:
-        raise ValueError(f"algo must be one of {list(ALGOS)}, got {algo!r}")
+    from .linear_family import _check_algo
+    _check_algo(algo)
     token = _CURRENT.set(ContextParallel(comm, layout, algo, attention_algo))
     try:
         yield _CURRENT.get()

@@ -234,6 +234,17 @@ def choose(problem, layout, W: int, machine: str | Machine | None = None, backwa
     return min(cands, key=cands.get)
 
 
+def pipeline_parts(problem, layout, W: int, machine: str | Machine | None = None, backward: bool | None = None) -> int:
+    """The pipeline's number of blocks P with the lowest estimate (1..MAX_PARTS, dividing B x heads)."""
+    import torch
+    if layout.kind != "contiguous":
+        return 1
+    if backward is None:
+        backward = torch.is_grad_enabled() and any(a.value.requires_grad for a in problem.args.values())
+    est = estimate(profile(problem), W, "contiguous", machine or default_machine(problem), backward)
+    return est["pipeline_parts"]
+
+
 def default_machine(problem) -> Machine:
     dev = next(iter(problem.args.values())).value.device
     return MACHINES["cpu"] if dev.type == "cpu" else MACHINES["nvlink"]

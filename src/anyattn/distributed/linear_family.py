@@ -3,7 +3,8 @@
 Each takes the single-process op's arguments in the same order, with this rank's rows of every
 per-token tensor (sequence dim 2 for the linear family, 1 for SSD's `(B, L, H, P)`, the last for the
 selective scan's `(B, D, L)`), plus `layout=` (an `ad.Layout`), `group=` and `algo=`:
-"summary", "ulysses", "pipeline" (see `algorithms.py`) or "auto" (the cost model of `cost.py`).
+"summary", "ulysses", "pipeline" (see `algorithms.py`; "pipeline:P" fixes its number of blocks) or
+"auto" (the cost model of `cost.py`).
 
 `initial_state` enters at global position 0 (rank 0's value is used; pass it on every rank, or None
 on every rank) and its gradient arrives on rank 0 (zero elsewhere). The final state is the state
@@ -51,8 +52,12 @@ def _resolve_op(op):
 
 
 def _check_algo(algo):
-    if algo not in ALGOS:
-        raise ValueError(f"algo must be one of {list(ALGOS)}, got {algo!r}")
+    """One of ALGOS, or "pipeline:P" (the pipeline with P blocks instead of the cost model's choice)."""
+    if algo in ALGOS:
+        return
+    if isinstance(algo, str) and algo.startswith("pipeline:") and algo[9:].isdigit() and int(algo[9:]) >= 1:
+        return
+    raise ValueError(f"algo must be one of {list(ALGOS)} or 'pipeline:P' (P >= 1 blocks), got {algo!r}")
 
 
 def _check_flag(name, x):
@@ -68,11 +73,15 @@ def run_problem(problem, layout, comm, S0, algo: str, want_final: bool):
     if algo == "auto":
         from .cost import choose
         algo = choose(problem, layout, comm.world_size)
-    fn = {"summary": algorithms.summary, "ulysses": algorithms.ulysses, "pipeline": algorithms.pipeline}[algo]
     if algo == "summary" and len(runs(layout, comm.rank)) > 2:
         raise ValueError(f"algo='summary' summarizes each contiguous run of a rank's rows; the {layout.kind!r} "
                          "layout has one run per row: use algo='ulysses' (any layout) or a contiguous / zigzag "
                          "layout")
+    if algo.startswith("pipeline"):
+        from .cost import pipeline_parts
+        parts = int(algo[9:]) if ":" in algo else pipeline_parts(problem, layout, comm.world_size)
+        return algorithms.pipeline(problem, layout, comm, S0, want_final, parts=parts)
+    fn = algorithms.summary if algo == "summary" else algorithms.ulysses
     return fn(problem, layout, comm, S0, want_final)
 
 
