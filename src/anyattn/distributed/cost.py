@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 C = 64
 MAX_PARTS = 8          # the pipeline's blocks (algorithms.pipeline's `parts`)
 PREPARE_SHARE = 0.6    # delta rules: share of the chunk engine's FLOPs that do not need the state (measured ~0.6)
+HOISTED = 1.35         # the phased pipeline's first phase over the whole shard at once is memory-bound (measured)
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,8 @@ class Machine:
 
 MACHINES = {
     # 2-core CPU, 1 thread per rank, gloo over loopback (bench `cp` measures these).
-    "cpu": Machine("cpu", flop_rate=3.0e10, step_overhead=8e-6, bandwidth=1.5e9, latency=1e-4,
-                   copy_bandwidth=6e9, backward_ratio=3.0),
+    "cpu": Machine("cpu", flop_rate=3.0e10, step_overhead=8e-6, bandwidth=3e9, latency=1e-4,
+                   copy_bandwidth=1e10, backward_ratio=3.0),
     # GPUs (the projection): H100 SXM with fused chunk kernels (sequential chunk steps inside a kernel, ~20 ns
     # each), an assumed effective 150 TFLOP/s (about 15% of the 989 TFLOP/s bf16 dense peak), bf16 traffic.
     # Links per GPU and direction: NVLink 4 450 GB/s, PCIe 5.0 x16 64 GB/s, InfiniBand NDR 50 GB/s; latency of
@@ -164,8 +165,8 @@ def _run(p: Profile, m: Machine, t: float, frac: float, factor: float = 1.0) -> 
 
 def _summary_factor(p: Profile) -> float:
     read = 2 * p.B * p.Hq * p.K * p.V
-    if p.family == "decay":
-        return 1.0 + read / _flops_per_token(p)
+    if p.family == "decay":          # the read `qt S_in` is one big matmul: about twice the engine's FLOP rate
+        return 1.0 + 0.5 * read / _flops_per_token(p)
     if p.family == "delta":
         return (_flops_per_token(p, p.V + p.K) + read) / _flops_per_token(p)
     if p.family == "mom":
@@ -204,7 +205,7 @@ def estimate(p: Profile, W: int, layout_kind: str = "contiguous", machine: str |
                 continue
             if p.family == "delta":       # phased: the state-independent part first, all heads at once
                 flops = n * _flops_per_token(p) / m.flop_rate
-                prep = PREPARE_SHARE * flops + n / 256 * 22 * m.step_overhead
+                prep = HOISTED * PREPARE_SHARE * flops + n / 256 * 22 * m.step_overhead
                 scan = (1 - PREPARE_SHARE) * flops / P + (3 * n / 64 + 3 * n / 256) * m.step_overhead
                 t = cb * (prep + (P + W - 1) * scan)
             else:
