@@ -18,7 +18,12 @@ from typing import NamedTuple
 import torch
 
 from .biases import Bias
-from .masks import Mask, Span, _span
+from .masks import Mask, Span
+
+try:  # the span normalizer of the mask specs (masks.py, or masks/core.py where masks is a package)
+    from .masks import _span
+except ImportError:  # pragma: no cover
+    from .masks.core import _span
 
 
 class Run(NamedTuple):

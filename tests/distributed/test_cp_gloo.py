@@ -1,12 +1,11 @@
-"""The state-passing ops, short-convolution halos, attention offloading and a context-parallel model on real
-gloo process groups (W = 2, 3, 4; one pool of worker processes for the file, 1 thread each)."""
+"""The same checks on real gloo process groups (W = 2, 3, 4), one pool of worker processes for the file."""
 import pytest
 import torch
 
-from anyattn.distributed.testing import GlooPool, run_threads
+import anyattn.distributed as ad
+from anyattn.distributed.testing import GlooPool
 
-from cp_cases import conv_rank, decode_rank, generate_rank, model, model_errors, model_rank
-from lin_cases import max_rel_error, rank_run
+from test_comm_layout import _collectives, _grads, _tags, _x
 
 
 @pytest.fixture(scope="module")
@@ -15,42 +14,90 @@ def pool():
         yield p
 
 
-LIN = [("gated_delta_rule", "contiguous", 4, "summary"), ("gated_delta_rule", "zigzag", 2, "ulysses"),
-       ("kda", "contiguous", 3, "pipeline:4"), ("ssd", "zigzag", 2, "summary"),
-       ("selective_scan_groups", "contiguous", 4, "ulysses"), ("mom", "contiguous", 3, "summary"),
-       ("linear_cosformer", "contiguous", 4, "pipeline:2"), ("retention_head", "stripe", 2, "ulysses")]
+@pytest.mark.parametrize("W", [2, 3, 4])
+def test_gloo_collectives_values_and_bytes(pool, W):
+    res = pool.run(_collectives, world_size=W)
+    xs = [_x(r, 2, 3) for r in range(W)]
+    for r, o in enumerate(res):
+        assert all(torch.equal(a, b) for a, b in zip(o["gather"], xs))
+        assert torch.equal(o["bcast"], _x(W - 1, 4))
+        assert torch.equal(o["ring"], _x((r - 1) % W, 6, dtype=torch.bfloat16))
 
 
-@pytest.mark.parametrize("name,kind,W,algo", LIN, ids=[f"{n}-{a}-{k}-W{w}" for n, k, w, a in LIN])
-def test_gloo_linear_equals_single_process(pool, name, kind, W, algo):
-    res = pool.run(rank_run, name, kind, W, algo, world_size=W)
-    errs = max_rel_error(name, res)
-    assert errs.pop("dS0_elsewhere") == 0.0
+@pytest.mark.parametrize("W", [2, 4])
+def test_gloo_gradients_and_tags(pool, W):
+    got = pool.run(_grads, world_size=W)
+    from anyattn.distributed.testing import run_threads
+    want = run_threads(W, _grads)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    for r, (g1, g2, ops) in enumerate(pool.run(_tags, world_size=W)):
+        assert torch.equal(g1, torch.full((2,), float((r - 1) % W)))
+
+
+# ---------------------------------------------------------------------------------------------- attention
+ATTN = [dict(kind="zigzag", mask="causal", bias="alibi", algo="ring"),
+        dict(kind="stripe", mask="document", bias="spatial", algo="allgather"),
+        dict(kind="contiguous", mask="mask_mod", bias="t5_bi", algo="ulysses", H=12, H_kv=2),
+        dict(kind="zigzag", mask="key_padding", bias="none", algo="ring", kv_heads_per_pass=1)]
+
+
+@pytest.mark.parametrize("W", [2, 3, 4])
+@pytest.mark.parametrize("spec", ATTN, ids=lambda s: s["algo"] + "-" + s["kind"])
+def test_gloo_attention_equals_single_process(pool, W, spec):
+    from anyattn.distributed.testing import run_threads
+    from attn_cases import case, max_rel_error, rank_run
+    c = case(W=W, **spec)
+    res = pool.run(rank_run, c, world_size=W)
+    errs = max_rel_error(c, res)
     assert max(errs.values()) <= 1e-10, errs
-    assert [r["log"] for r in res] == [r["log"] for r in run_threads(W, rank_run, name, kind, W, algo)]
+    threads = run_threads(W, rank_run, c)
+    assert [r["log"] for r in res] == [r["log"] for r in threads]  # the same bytes and ops as the formulas' tests
 
 
-def test_gloo_causal_conv(pool):
-    g = torch.Generator().manual_seed(3)
-    x, w, dy = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((2, 18, 3), (3, 4), (2, 18, 3)))
-    got = pool.run(conv_rank, "zigzag", x, w, dy, 4, world_size=3)
-    want = run_threads(3, conv_rank, "zigzag", x, w, dy, 4)
-    for a, b in zip(got, want):
-        for t, u in zip(a, b):
-            torch.testing.assert_close(t, u, rtol=1e-12, atol=1e-12)
+
+# ---------------------------------------------------------------------------------------------- neighborhood
+@pytest.mark.parametrize("W", [2, 3, 4])
+def test_gloo_neighborhood_equals_single_process(pool, W):
+    import anyattn
+    from test_cp_neighborhood import global_inputs, rank_run
+    spatial, args = (4 * W, 5), ((3, 3), (2, 1), (1, 2), (False, True))
+    q, k, v, do, dl = global_inputs(spatial, 1, 2, 1, 4, 3)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out, lse = anyattn.neighborhood(q, k, v, *args, return_lse=True)
+    grads = torch.autograd.grad((out * do).sum() + (lse * dl).sum(), (q, k, v))
+    res = pool.run(rank_run, spatial, args, 1, world_size=W)
+    for i, want in enumerate((out, lse) + grads):
+        torch.testing.assert_close(torch.cat([r[i] for r in res], 2), want, rtol=1e-10, atol=1e-10)
+
+# ---------------------------------------------------------------------------------------------- last: restarts the pool
+def _raise_on_rank_one(comm):
+    if comm.rank == 1:
+        raise KeyError("boom on rank 1")
+    comm.all_gather(torch.ones(1))
 
 
-@pytest.mark.parametrize("shard,W", [("heads", 3), ("sequence", 4)])
-def test_gloo_remote_decode_equals_local(pool, shard, W):
-    assert max(pool.run(decode_rank, shard, {}, world_size=W)[0]) <= 1e-6
+def _ranks(comm):
+    return comm.rank, comm.world_size, type(ad.as_comm(None)).__name__
 
 
-def test_gloo_generate_with_remote_caches(pool):
-    assert pool.run(generate_rank, "sequence", world_size=2)[0] <= 1e-6
+def test_gloo_failure_is_reported_and_the_pool_recovers(pool):
+    with pytest.raises(RuntimeError, match="boom on rank 1"):
+        pool.run(_raise_on_rank_one, world_size=2)
+    assert pool.run(_ranks) == [(r, 4, "Comm") for r in range(4)]
 
 
-def test_gloo_context_parallel_model(pool):
-    x = torch.randn(2, 24, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    weights = model(16, seed=1).state_dict()
-    out, rest, fp32 = model_errors(x, weights, pool.run(model_rank, "zigzag", "auto", x, weights, world_size=2)[0])
-    assert out <= 1e-10 and rest <= 1e-10 and fp32 <= 1e-6, (out, rest, fp32)
+# ---------------------------------------------------------------------------------------------- bench helpers
+def test_bench_helpers_remote_contender_and_peak_memory():
+    from anyattn.bench import distributed as bd
+    from anyattn.bench.workloads.cp_attention import memory_rank, rank_attention
+    call = bd.remote(2, rank_attention, 64, "zigzag", "ring", name="t")
+    x = {"q": torch.zeros(3, requires_grad=True)}
+    call(x).backward()  # the ranks ran forward and backward; the parent's scalar is free
+    res = bd.last_results[("t", True)]
+    assert len(res) == 2 and res[0]["log"]["ops"] == {"sendrecv": 4} and res[0]["rank_s"] > 0
+    peaks = bd.peak_memory(2, memory_rank, 512, "zigzag", "ring", warmup_args=(256, "zigzag", "ring"),
+                           fixed_threshold=True)
+    # inputs: 3 x (1, 8, 256, 64) fp32 = 1.5 MiB per rank, and the run allocates more than nothing
+    assert all(p["with_inputs"] > p["without_inputs"] > 0 for p in peaks)
+    bd.pool(2).close()

@@ -6,6 +6,8 @@
   runner's forward+backward mode the ranks run forward and backward themselves (`backward=True`); the
   contender returns a zero scalar tied to the parent's inputs so that the runner's own backward call
   costs nothing. `fn` returns a dict (e.g. the byte log); the last results are kept (`last_results`).
+  List the contender in `Case.setup_seconds` with `lambda: first_call_s.get(name)`: the runner then
+  makes an untimed first call (pool start-up, inputs built and cached in the workers).
 - `peak_memory(W, fn, *args)`: runs `fn(comm, *args)` once in W *fresh* worker processes, each
   reporting its peak resident memory (VmHWM) above its resident memory before it built its inputs
   (`with_inputs`) and above the memory right after (`without_inputs`). `fn(comm, *args)` must return
@@ -16,6 +18,7 @@
 from __future__ import annotations
 
 import atexit
+import time
 
 import torch
 
@@ -24,6 +27,7 @@ from .memory import _reset_peak, _status_kib
 
 _POOLS: dict = {}
 last_results: dict = {}
+first_call_s: dict = {}  # name -> seconds of the first call (pool start-up, building the inputs)
 
 
 def pool(W: int) -> GlooPool:
@@ -36,11 +40,15 @@ def pool(W: int) -> GlooPool:
 
 def remote(W: int, fn, *args, name: str | None = None):
     """A bench contender running `fn(comm, *args, backward=bool)` on W single-threaded gloo ranks."""
+    key = name or fn.__name__
+
     def contender(x):
         q = next(t for t in x.values() if isinstance(t, torch.Tensor))
         backward = q.requires_grad
+        t0 = time.perf_counter()
         res = pool(W).run(fn, *args, backward=backward)
-        last_results[(name or fn.__name__, backward)] = res
+        first_call_s.setdefault(key, time.perf_counter() - t0)
+        last_results[(key, backward)] = res
         return q.reshape(-1)[:1].sum() * 0 if backward else torch.zeros(())
     return contender
 

@@ -9,8 +9,8 @@ for contiguous and stripe, 2 x 2 for zigzag). The global mask's ranges (`GlobalS
 - "masked": anything else (and any bias): the `blocked` engine with the global specs seen on the
   rectangle (`anyattn.subblock.BlockMask` / `BlockBias`), which skips empty tiles itself.
 
-"full" and "causal" rectangles without bias run the CPU flash kernel (`softmax.sdpa.flash_block_*`);
-elsewhere (and on GPU, where SDPA returns no LSE here) the `blocked` engine. Forward gives per query
+"full" and "causal" rectangles without bias run the CPU flash kernel (`softmax.sdpa.flash_block_*`) on
+CPU tensors; elsewhere the `blocked` engine. Forward gives per query
 segment `(out, lse)` (rectangles of a segment merged by `anyattn.lse.merge`); backward takes the rows'
 *final* `out` and `lse` and returns this block's share of dq, dk, dv and the bias gradients. Everything
 is computed in the work dtype (float32, or float64 for float64 inputs).
@@ -23,7 +23,7 @@ import torch
 from ..lse import merge
 from ..masks import Causal
 from ..softmax.blocked import DEFAULT_BLOCK_K, blocked_attention, blocked_block_backward
-from ..softmax.sdpa import flash_block_backward, flash_block_forward, lse_supported
+from ..softmax.sdpa import flash_block_backward, flash_block_forward
 from ..subblock import BlockBias, BlockMask, GlobalSpans, Run
 from ..validate import Shape
 from .layout import Layout
@@ -96,6 +96,10 @@ class Problem:
 
     def _plan(self, q_rank, k_rank):
         lay = self.layout
+        if q_rank == k_rank and type(self.mask) is Causal and self.bias is None:
+            # Same positions, increasing: the global causal mask is the local causal mask (one call).
+            n = lay.n_local
+            return [Rect(0, n, 0, n, None, None, "causal")]
         rects = []
         for qs in lay.segments(q_rank):
             q_run = Run(qs.start, qs.count, qs.step)
@@ -116,7 +120,7 @@ class Problem:
                     kind = "masked"
                 rects.append(Rect(qs.local_start, qs.local_start + qs.count, ks.local_start + lo,
                                   ks.local_start + hi, q_run, k_run.sub(lo, hi), kind))
-        return rects
+        return _coalesce(rects)
 
     def _specs(self, rect: Rect, heads: tuple):
         H, N = self.H, self.layout.n_global
@@ -130,7 +134,7 @@ class Problem:
         return Shape(self.B, hkv * self.groups, hkv, rect.q1 - rect.q0, rect.k1 - rect.k0, self.D, self.D_v)
 
     def _flash(self, rect: Rect) -> bool:
-        return rect.kind in ("full", "causal") and lse_supported(self.device)
+        return rect.kind in ("full", "causal") and self.device.type == "cpu"  # the CPU flash op
 
     # ---------------------------------------------------------------------------------- forward
     def block_forward(self, rects: list, q, k, v, heads: tuple):
@@ -202,12 +206,41 @@ class Problem:
             if rect.kind == "full" or self.mask is None:
                 total += -(-nq // tile) * -(-nk // tile)
                 continue
-            bm = BlockMask(self.mask, rect.q_run, rect.k_run, self.B, self.H, self.layout.n_global,
-                           self.layout.n_global, None, self.spans)
-            for sp in bm.tile_ranges(nq, nk, tile):
+            if rect.kind == "causal":
+                spec = Causal("top_left")
+            else:
+                spec = BlockMask(self.mask, rect.q_run, rect.k_run, self.B, self.H, self.layout.n_global,
+                                 self.layout.n_global, None, self.spans)
+            for sp in spec.tile_ranges(nq, nk, tile):
                 if sp.hi > sp.lo:
                     total += -(-sp.hi // tile) - sp.lo // tile
         return total
+
+
+def _coalesce(rects: list) -> list:
+    """Join "full" rectangles that touch in local coordinates (same rows and adjacent keys, or same keys
+    and adjacent rows: zigzag's off-diagonal blocks), so one kernel call covers them (their runs are not
+    needed: full rectangles use no spec)."""
+    out = list(rects)
+    changed = True
+    while changed:
+        changed = False
+        for i, a in enumerate(out):
+            for j, b in enumerate(out):
+                if i == j or a.kind != "full" or b.kind != "full":
+                    continue
+                if (a.q0, a.q1) == (b.q0, b.q1) and a.k1 == b.k0:
+                    joined = Rect(a.q0, a.q1, a.k0, b.k1, a.q_run, None, "full")
+                elif (a.k0, a.k1) == (b.k0, b.k1) and a.q1 == b.q0:
+                    joined = Rect(a.q0, b.q1, a.k0, a.k1, None, a.k_run, "full")
+                else:
+                    continue
+                out = [r for n, r in enumerate(out) if n not in (i, j)] + [joined]
+                changed = True
+                break
+            if changed:
+                break
+    return sorted(out, key=lambda r: (r.q0, r.k0))
 
 
 def merge_rows(out: torch.Tensor, lse: torch.Tensor, q0: int, q1: int, o: torch.Tensor, l: torch.Tensor,

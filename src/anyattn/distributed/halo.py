@@ -22,7 +22,10 @@ import math
 
 import torch
 
-from ..neighborhood_mask import group_sizes, normalize_args, window
+try:  # the per-axis window rule (neighborhood_mask.py, or masks/neighborhood.py where masks is a package)
+    from ..neighborhood_mask import group_sizes, normalize_args, window
+except ImportError:  # pragma: no cover
+    from ..masks.neighborhood import group_sizes, normalize_args, window
 from ..softmax.neighborhood import neighborhood as local_neighborhood
 from .comm import as_comm
 from .layout import Layout, check_layout

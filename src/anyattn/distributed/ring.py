@@ -72,15 +72,16 @@ def _forward(prob: Problem, comm, algo, per, q, k, v):
             parts = comm.all_gather(kv)
             gathered.append(parts)
             blocks = ((s, parts[s]) for s in _order(comm))
-        touched = set()
+        touched = []  # row ranges already holding a partial result
         for s, kv_s in blocks:
             rects = prob.plan(r, s)
             if not rects:
                 continue
             kw = kv_s.to(work)
             for q0, q1, o, l in prob.block_forward(rects, qg, kw[..., :D], kw[..., D:], (h0, h1)):
-                merge_rows(og, lg, q0, q1, o, l, (q0, q1) not in touched)
-                touched.add((q0, q1))
+                first = all(b <= q0 or a >= q1 for a, b in touched)
+                merge_rows(og, lg, q0, q1, o, l, first)  # rows partly touched: merge (exact for untouched)
+                touched.append((q0, q1))
     return out, lse, gathered
 
 

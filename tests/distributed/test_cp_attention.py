@@ -160,3 +160,11 @@ def test_argument_errors_and_explain():
     assert ad.choose_algo(1, lay, 1, 8, 8, 64, 64, 4).algo == "ring"
     big = ad.Layout("zigzag", 4, 1 << 20)
     assert ad.choose_algo(4, big, 1, 6, 6, 64, 64, 4).algo == "ring"
+
+
+@pytest.mark.parametrize("mask", ["causal", "none", "window"])
+def test_blocked_engine_path_for_full_and_causal_blocks(monkeypatch, mask):
+    """Off the CPU, full and causal blocks run the blocked engine instead of the CPU flash op."""
+    monkeypatch.setattr(Problem, "_flash", lambda self, rect: False)
+    check(case(W=3, kind="zigzag", mask=mask, m=2, H=2, H_kv=1))
+    check(case(W=2, kind="stripe", mask=mask, m=3, algo="allgather"))
