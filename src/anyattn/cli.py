@@ -13,6 +13,8 @@ def _bench(args):
         for n, (_, desc) in sorted(registry().items()):
             print(f"{n:<12} {desc}")
         return 0
+    import os
+    os.environ["ANYATTN_BENCH_OUT"] = args.out    # workloads that write extra files (plots) put them there
     chosen = args.workloads or ["softmax"]
     unknown = [w for w in chosen if w not in names()]
     if unknown:
@@ -28,8 +30,6 @@ def _bench(args):
             return 2
         os.environ[ENV] = args.device  # read by the runner, the workloads and the memory subprocesses
     if args.threads is not None:
-        import os
-
         import torch
         torch.set_num_threads(args.threads)
         os.environ["ANYATTN_BENCH_THREADS"] = str(args.threads)  # for the memory subprocesses

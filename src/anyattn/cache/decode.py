@@ -213,6 +213,8 @@ def decode(q: torch.Tensor, cache: KVCache, *, scale=None, return_lse: bool = Fa
     Returns out `(B, H, T, D_v)` (the cache's dtype), or `(out, lse)` with lse `(B, H, T)` float32/64.
     Differentiable in q.
     """
+    if not isinstance(cache, KVCache) and callable(getattr(cache, "decode", None)):
+        return cache.decode(q, scale=scale, return_lse=return_lse)   # a remote cache (anyattn.distributed.offload)
     scale = _check(q, cache, scale)
     if not (policy is None or policy == "exact" or isinstance(policy, ts.TokenSelect)):
         raise ValueError(f"policy must be None (the cache's), 'exact' or a TokenSelect, got {policy!r}")

@@ -14,3 +14,13 @@ from .halo import neighborhood  # noqa: E402
 
 __all__ = ["Comm", "CommLog", "CommRecord", "as_comm", "Layout", "Segment", "shard", "unshard", "testing",
            "attention", "explain_attention", "choose_algo", "all_reduce_grads", "neighborhood"]
+
+# state passing (linear family, SSD, selective scan), short-convolution halos, nn context, offloading
+from . import cost  # noqa: E402
+from .context import context_parallel  # noqa: E402
+from .conv_halo import causal_conv, causal_conv_halo  # noqa: E402
+from .linear_family import explain_linear, linear, selective_scan, ssd  # noqa: E402
+from .offload import AttentionServer, RemoteKVCache, partial_decode, stop_servers  # noqa: E402
+
+__all__ += ["linear", "explain_linear", "ssd", "selective_scan", "cost", "causal_conv_halo", "causal_conv", "context_parallel",
+            "partial_decode", "AttentionServer", "RemoteKVCache", "stop_servers"]

@@ -19,6 +19,9 @@ Two engines share these pieces:
   transform:  T = (I + β ⊙ A_kk^strict)^{-1} Diag(β) (one batched unit-triangular solve),
   W = T (e^Γ ⊙ K), U = T V, then per chunk Ṽ = U - W S_n,  O = (Q ⊙ e^Γ) S_n + A_qk Ṽ,
   S_{n+1} = e^{Γ_C} ⊙ S_n + (e^{Γ_C - Γ} ⊙ K)^T Ṽ.
+  Its two phases are also exposed: `delta_prepare` (everything state-independent, every group) and
+  `delta_scan` (the state passing, for any block of (batch, head) rows), for pipelines that scan
+  while the entering state is still on its way.
 
 Numerical care for per-channel decay: exp is only ever taken of non-positive numbers. The decayed
 gram is computed hierarchically: the chunk is split into 4 sub-blocks; a pair of sub-blocks
@@ -262,12 +265,12 @@ def chunk_decay_attention(q, k, v, scale: float, g=None, initial_state=None, chu
 GROUP_TOKENS = 256
 
 
-def _delta_group(qc, kc, vc, bc, G, S):
-    """One group of n chunks of every (batch, head) row, all flattened to M = BH * n matrices.
+def _delta_group_prepare(qc, kc, vc, bc, G):
+    """The state-independent part of one group of n chunks of every (batch, head) row (grams, UT
+    transform), all flattened to M = BH * n matrices.
 
     qc `(BH, n, Gq, C, K)`, kc `(BH, n, C, K)`, vc `(BH, n, C, V)`, bc `(BH, n, C)`, G None |
-    `(BH, n, C)` | `(BH, n, C, K)`; S `(BH, K, V)`, the state before the group.
-    Returns (n outputs `(BH, Gq * C, V)`, S)."""
+    `(BH, n, C)` | `(BH, n, C, K)`. Returns `(W, U, A_qk, qd, kdT, d)`, each with the BH rows first."""
     BH, n, Gq, C, K = qc.shape
     V = vc.shape[-1]
     M = BH * n
@@ -295,6 +298,14 @@ def _delta_group(qc, kc, vc, bc, G, S):
     kdT = kd.view(BH, n, C, K).transpose(-1, -2)
     qd, A_qk = qd.reshape(BH, n, Gq * C, K), A_qk.reshape(BH, n, Gq * C, C)
     d = None if d is None else d.view(BH, n, *d.shape[1:])
+    return W, U, A_qk, qd, kdT, d
+
+
+def _delta_group_scan(prep, S):
+    """The state passing through one prepared group: S `(BH, K, V)` before it -> (its n outputs
+    `(BH, Gq * C, V)`, S after it)."""
+    W, U, A_qk, qd, kdT, d = prep
+    n = W.shape[1]
     outs = []
     per_chunk = zip(W.unbind(1), U.unbind(1), A_qk.unbind(1), qd.unbind(1), kdT.unbind(1),
                     d.unbind(1) if d is not None else [None] * n)
@@ -305,13 +316,9 @@ def _delta_group(qc, kc, vc, bc, G, S):
     return outs, S
 
 
-def chunk_delta(q, k, v, beta, scale: float, g=None, initial_state=None, chunk_size: int = 64):
-    """Delta-rule family. q `(B, H, Gq, N, K)` (Gq query heads per key head), k `(B, H, N, K)`,
-    v `(B, H, N, V)`, beta `(B, H, N)`, g None (DeltaNet) | `(B, H, N)` (Gated DeltaNet) |
-    `(B, H, N, K)` (KDA). Returns `(o (B, H, Gq, N, V), S_N)`.
-
-    Chunks are processed in groups of about GROUP_TOKENS tokens: per group, the decayed grams and the
-    UT transform of all its chunks (batched matmuls), then the state passing through them."""
+def _delta_inputs(q, k, v, beta, scale, g, initial_state, chunk_size):
+    """Padded, chunked inputs flattened to (batch x head) rows: (shape, S `(BH, K, V)`, an iterator over
+    the groups' `(qc, kc, vc, bc, G)`)."""
     (B, H, Gq, N, K, V, C), qc, kc, vc, G, S, (bc,) = _prepare(
         q, k, v, scale, g, initial_state, chunk_size, extra=(beta,))
     NC = kc.shape[2]
@@ -320,14 +327,52 @@ def chunk_delta(q, k, v, beta, scale: float, g=None, initial_state=None, chunk_s
         return None if x is None else x.reshape(B * H, NC, *x.shape[3:])
 
     qc, kc, vc, bc, G = flat(qc), flat(kc), flat(vc), flat(bc), flat(G)
-    S = S.reshape(B * H, K, V)
     n = max(1, GROUP_TOKENS // C)
     # split (not slicing in the loop): the backward of one split is one concatenation, whereas each
     # slice's backward would materialize a zero tensor of the full length (quadratic in N).
     groups = zip(*(x.split(n, 1) for x in (qc, kc, vc, bc)), G.split(n, 1) if G is not None else [None] * NC)
+    return (B, H, Gq, N, K, V, C, NC), S.reshape(B * H, K, V), groups
+
+
+def delta_prepare(q, k, v, beta, scale: float, g=None, chunk_size: int = 64):
+    """Phase 1 of `chunk_delta` (same arguments, no state): every group's state-independent tensors, for
+    a state scan run later, e.g. in blocks of (batch, head) rows while the entering state arrives from
+    another process (`anyattn.distributed`'s pipeline). Returns `(shape, groups)`; memory: the
+    prepared tensors of the whole sequence (`chunk_delta` keeps one group's at a time)."""
+    shape, _, groups = _delta_inputs(q, k, v, beta, scale, g, None, chunk_size)
+    return shape, [_delta_group_prepare(*grp) for grp in groups]
+
+
+def delta_scan(groups, S, rows: slice | None = None):
+    """Phase 2 of `chunk_delta`: the state passing through prepared `groups` (from `delta_prepare`) for the
+    flattened (batch, head) rows `rows` (None: all), from S `(rows, K, V)`. Returns (o `(rows, NC,
+    Gq * C, V)`, S after the last token)."""
     outs = []
-    for qg, kg, vg, bg, Gg in groups:
-        o, S = _delta_group(qg, kg, vg, bg, Gg, S)
+    for prep in groups:
+        if rows is not None:
+            prep = tuple(None if x is None else x[rows] for x in prep)
+        o, S = _delta_group_scan(prep, S)
         outs += o
-    o = torch.stack(outs, 1).view(B, H, NC, Gq * C, V)
-    return _unchunk(o, B, H, Gq, C, N), S.reshape(B, H, K, V)
+    return torch.stack(outs, 1), S
+
+
+def delta_finish(shape, o):
+    """Phase 3: the scanned outputs of every row `(B * H, NC, Gq * C, V)` -> `(B, H, Gq, N, V)`."""
+    B, H, Gq, N, K, V, C, NC = shape
+    return _unchunk(o.view(B, H, NC, Gq * C, V), B, H, Gq, C, N)
+
+
+def chunk_delta(q, k, v, beta, scale: float, g=None, initial_state=None, chunk_size: int = 64):
+    """Delta-rule family. q `(B, H, Gq, N, K)` (Gq query heads per key head), k `(B, H, N, K)`,
+    v `(B, H, N, V)`, beta `(B, H, N)`, g None (DeltaNet) | `(B, H, N)` (Gated DeltaNet) |
+    `(B, H, N, K)` (KDA). Returns `(o (B, H, Gq, N, V), S_N)`.
+
+    Chunks are processed in groups of about GROUP_TOKENS tokens: per group, the decayed grams and the
+    UT transform of all its chunks (batched matmuls), then the state passing through them."""
+    shape, S, groups = _delta_inputs(q, k, v, beta, scale, g, initial_state, chunk_size)
+    outs = []
+    for grp in groups:
+        o, S = _delta_group_scan(_delta_group_prepare(*grp), S)
+        outs += o
+    B, H, K, V = shape[0], shape[1], shape[4], shape[5]
+    return delta_finish(shape, torch.stack(outs, 1)), S.reshape(B, H, K, V)

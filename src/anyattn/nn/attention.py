@@ -19,6 +19,7 @@ from torch import nn
 from ..api import attention
 from ..cache.decode import decode
 from ..cache.kv_cache import KVCache
+from ..distributed.context import current as context_parallel
 from ..masks import Causal
 from ..validate import check_positive_int, check_tensor
 from .rotary import RotaryEmbedding, apply_rotary
@@ -79,7 +80,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.rotary:
-            pos = torch.arange(N, device=x.device)[None, :].expand(B, N)
+            cp = context_parallel()
+            pos = (torch.arange(N, device=x.device) if cp is None else cp.positions(x.device))[None, :].expand(B, N)
             if offset is not None:
                 pos = pos + offset[:, None].to(x.device)
             cos, sin = self.rope(pos, dtype=q.dtype)  # (B, N, rotary_dim / 2)
@@ -92,9 +94,13 @@ class Attention(nn.Module):
         check_tensor("x", x, 3)
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, N, dim={self.dim}), got {tuple(x.shape)}")
-        if state is not None and not isinstance(state, KVCache):
-            raise TypeError(f"state must be None or the KVCache this layer returned, got {type(state).__name__}")
+        if state is not None and not isinstance(state, KVCache) and not callable(getattr(state, "decode", None)):
+            raise TypeError(f"state must be None or the KVCache this layer returned (or a cache with append / decode: "
+                            f"anyattn.distributed.RemoteKVCache), got {type(state).__name__}")
         B, N, _ = x.shape
+        cp = context_parallel()                    # anyattn.distributed.context_parallel: this rank's rows
+        if cp is not None:
+            cp.refuse_cache(self, state, use_cache)
         cached = use_cache or state is not None
         if cached and not self.causal:
             raise ValueError("a KV cache needs causal=True (decoding appends tokens left to right)")
@@ -107,6 +113,7 @@ class Attention(nn.Module):
             o = decode(q, cache)
         else:
             cache = None
-            o = attention(q, k, v, mask=Causal() if self.causal else None, method=self.method)
+            mask = Causal() if self.causal else None
+            o = attention(q, k, v, mask=mask, method=self.method) if cp is None else cp.attention(q, k, v, mask=mask)
         y = self.o_proj(o.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
         return y, cache

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import linear as _L
+from ..distributed.context import current as context_parallel
 
 
 class ShortConvolution(nn.Module):
@@ -185,11 +186,17 @@ class _LinearMixerLayer(nn.Module):
         if state is not None and not isinstance(state, dict):
             raise TypeError(f"state must be a dict returned by forward(..., use_cache=True) or None, "
                             f"got {type(state).__name__}")
+        cp = context_parallel()                    # anyattn.distributed.context_parallel: this rank's rows
+        if cp is not None:
+            cp.refuse_cache(self, state, use_cache)
         state = state or {}
         conv_cache = state.get("conv") or (None, None, None)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         new_conv = None
-        if self.use_short_conv:
+        if self.use_short_conv and cp is not None:
+            q, k, v = (cp.conv(lambda t, h, c=c: c(t, h)[0], t, self.conv_size)
+                       for c, t in ((self.q_conv, q), (self.k_conv, k), (self.v_conv, v)))
+        elif self.use_short_conv:
             q, cq = self.q_conv(q, conv_cache[0])
             k, ck = self.k_conv(k, conv_cache[1])
             v, cv = self.v_conv(v, conv_cache[2])
@@ -200,10 +207,13 @@ class _LinearMixerLayer(nn.Module):
         if self.delta:
             q, k = F.normalize(q, p=2, dim=-1), F.normalize(k, p=2, dim=-1)
         k, v = self.key_value_heads(k, v)
-        kw = dict(initial_state=state.get("recurrent"), output_final_state=True, mode=self.mode)
+        kw = dict(initial_state=state.get("recurrent"), output_final_state=cp is None, mode=self.mode)
         if self.mode == "chunk":
             kw["chunk_size"] = self.chunk_size
-        o, S = self.op(q, k, v, *self.gates(x), **kw)
+        if cp is None:
+            o, S = self.op(q, k, v, *self.gates(x), **kw)
+        else:
+            o, S = cp.linear(self.op, q, k, v, *self.gates(x), **kw), None
         o = o.transpose(1, 2)                                             # (B, T, H, D_v)
         gate = self.output_gate(x).reshape(*o.shape)
         o = self.o_norm(o, gate).reshape(x.shape[0], x.shape[1], self.value_dim)

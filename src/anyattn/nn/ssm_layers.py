@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..ssm import (LongConvState, long_conv, long_conv_step, s4d, s4d_inv_init, s4d_lin_init, s4d_step,
                    selective_scan, selective_scan_step, ssd, ssd_step)
+from ..distributed.context import current as _cp_current
 from ..ssm.long_conv import fft_conv, smooth_kernel, squash_kernel
 
 __all__ = ["S4DLayer", "MambaBlock", "Mamba2Block", "LongConvLayer", "SSM_LAYERS"]
@@ -46,6 +47,25 @@ def _causal_conv(x, weight, bias, prefix):
     return y, xp[..., xp.shape[-1] - (K - 1):]
 
 
+def _context_parallel(layer, state, use_cache, supported: bool = True):
+    """The active `anyattn.distributed.context_parallel` (None outside one); decoding is refused inside."""
+    cp = _cp_current()
+    if cp is not None:
+        if not supported:
+            raise ValueError(f"{type(layer).__name__} is not context-parallel (its mixer has no sharded form yet); "
+                             "call it outside ad.context_parallel")
+        cp.refuse_cache(layer, state, use_cache)
+    return cp
+
+
+def _conv(cp, x, conv1d, prefix):
+    """The block's short causal conv over (B, C, L), with the neighbouring rank's halo under `cp`."""
+    if cp is None:
+        return _causal_conv(x, conv1d.weight, conv1d.bias, prefix)
+    y = cp.conv(lambda t, h: _causal_conv(t, conv1d.weight, conv1d.bias, h)[0], x, conv1d.kernel_size[0], dim=-1)
+    return y, None
+
+
 class S4DLayer(nn.Module):
     """S4D mixer (Gu et al. 2022): per channel a diagonal complex SSM of `d_state` modes (conjugate
     pairs), `y = GELU(K * u + D u)`, then an output linear map. state: `(B, hidden, d_state)` complex."""
@@ -71,6 +91,7 @@ class S4DLayer(nn.Module):
 
     def forward(self, x, state=None, use_cache: bool = False):
         _check_x(x, self.hidden)
+        _context_parallel(self, state, use_cache, supported=False)
         log_dt, A, B, C = self._params()
         if x.shape[1] == 1 and state is not None:
             y, new = s4d_step(state, x[:, 0], log_dt, A, B, C, self.D)
@@ -111,10 +132,10 @@ class MambaBlock(nn.Module):
 
     def forward(self, x, state=None, use_cache: bool = False):
         _check_x(x, self.hidden)
+        cp = _context_parallel(self, state, use_cache)
         Bsz, L, _ = x.shape
         xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)          # (B, di, L) each
-        xs, conv_state = _causal_conv(xs, self.conv1d.weight, self.conv1d.bias,
-                                      None if state is None else state["conv"])
+        xs, conv_state = _conv(cp, xs, self.conv1d, None if state is None else state["conv"])
         xs = F.silu(xs)
         dt, Bm, Cm = self.x_proj(xs.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)            # (B, di, L), bias added in the scan
@@ -125,9 +146,9 @@ class MambaBlock(nn.Module):
                                           z[..., 0], self.dt_proj.bias.float(), True)
             y = y.unsqueeze(-1)
         else:
-            y, last = selective_scan(xs, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), self.D.float(), z,
-                                     self.dt_proj.bias.float(), True, initial_state=h0, output_final_state=True,
-                                     chunk_size=self.chunk_size)
+            y, last = (selective_scan if cp is None else cp.selective_scan)(
+                xs, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), self.D.float(), z, self.dt_proj.bias.float(),
+                True, initial_state=h0, output_final_state=True, chunk_size=self.chunk_size)
         out = self.out_proj(y.transpose(1, 2))
         return out, ({"conv": conv_state, "ssm": last} if use_cache else None)
 
@@ -163,11 +184,11 @@ class Mamba2Block(nn.Module):
 
     def forward(self, x, state=None, use_cache: bool = False):
         _check_x(x, self.hidden)
+        cp = _context_parallel(self, state, use_cache)
         Bsz, L, _ = x.shape
         di, G, N, H, P = self.d_inner, self.ngroups, self.d_state, self.nheads, self.headdim
         z, xBC, dt = self.in_proj(x).split([di, self.conv_dim, H], dim=-1)
-        xBC, conv_state = _causal_conv(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
-                                       None if state is None else state["conv"])
+        xBC, conv_state = _conv(cp, xBC.transpose(1, 2), self.conv1d, None if state is None else state["conv"])
         xBC = F.silu(xBC).transpose(1, 2)                                    # (B, L, conv_dim)
         xs, Bm, Cm = xBC.split([di, G * N, G * N], dim=-1)
         xs = xs.reshape(Bsz, L, H, P)
@@ -179,8 +200,8 @@ class Mamba2Block(nn.Module):
                                self.dt_bias.float(), True)
             y = y.unsqueeze(1)
         else:
-            y, last = ssd(xs, dt, A, Bm, Cm, self.D.float(), None, self.dt_bias.float(), True, initial_state=h0,
-                          output_final_state=True, chunk_size=self.chunk_size)
+            y, last = (ssd if cp is None else cp.ssd)(xs, dt, A, Bm, Cm, self.D.float(), None, self.dt_bias.float(), True,
+                                              initial_state=h0, output_final_state=True, chunk_size=self.chunk_size)
         y = y.reshape(Bsz, L, di) * F.silu(z)
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight
         return self.out_proj(y), ({"conv": conv_state, "ssm": last} if use_cache else None)
@@ -210,6 +231,7 @@ class LongConvLayer(nn.Module):
 
     def forward(self, x, state=None, use_cache: bool = False):
         _check_x(x, self.hidden)
+        _context_parallel(self, state, use_cache, supported=False)
         Bsz, L, _ = x.shape
         k = self.effective_kernel()
         u = x.transpose(1, 2)
