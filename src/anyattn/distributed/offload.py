@@ -69,7 +69,7 @@ def partial_decode(q: torch.Tensor, cache: KVCache, *, scale=None, q_positions=N
     G = H // cache.H_kv
     if L == 0:
         return q.new_zeros(B, H, T, cache.D_v), torch.full((B, H, T), float("-inf"),
-                                                          dtype=torch.promote_types(q.dtype, torch.float32))
+                                                          dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
     k, v = cache.reconstruct()
     kp = key_positions[:, :L].to(q.device)
     valid = torch.arange(L, device=q.device)[None, :] < cache.lengths[:, None]
@@ -82,15 +82,15 @@ def partial_decode(q: torch.Tensor, cache: KVCache, *, scale=None, q_positions=N
 
 # ---------------------------------------------------------------------------------------- messages
 def _header(*vals) -> torch.Tensor:
-    h = torch.zeros(HEADER, dtype=torch.long)
-    h[:len(vals)] = torch.tensor([int(x) for x in vals], dtype=torch.long)
+    h = torch.zeros(HEADER, dtype=torch.long)  # host: protocol header/message (gloo point-to-point)
+    h[:len(vals)] = torch.tensor([int(x) for x in vals], dtype=torch.long)  # host: protocol header/message (gloo point-to-point)
     return h
 
 
 def _send_error(comm, dst, err: BaseException):
     text = f"{type(err).__name__}: {err}".encode()[:4000]
     comm.send(_header(ERROR, len(text)), dst, OFFLOAD_TAG)
-    comm.send(torch.tensor(list(text), dtype=torch.uint8), dst, OFFLOAD_TAG)
+    comm.send(torch.tensor(list(text), dtype=torch.uint8), dst, OFFLOAD_TAG)  # host: protocol header/message (gloo point-to-point)
 
 
 def _recv_reply(comm, src) -> torch.Tensor:
@@ -166,7 +166,7 @@ class AttentionServer:
         if cache is None:
             cache = KVCache(B, Hk, self.cache_len, D, Dv, dtype=dtype, **self.cache_options)
             self.caches[layer] = cache
-            self.positions[layer] = torch.zeros(B, self.cache_len, dtype=torch.long)
+            self.positions[layer] = torch.zeros(B, self.cache_len, dtype=torch.long)  # host: server-side position bookkeeping
         if self.shard == "sequence":
             n = [T] * B if n_new is None else n_new.tolist()
             P = self.positions[layer]
@@ -190,7 +190,7 @@ class AttentionServer:
             if self.shard == "heads":
                 raise ValueError(f"layer {layer} has no keys on this server: append before decode")
             out = q.new_zeros(B, Hq, T, int(h[7]))
-            lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.promote_types(dtype, torch.float32))
+            lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.promote_types(dtype, torch.float32), device=q.device)
         elif self.shard == "heads":
             out, lse = decode(q, cache, scale=scale), None
         else:
@@ -295,19 +295,19 @@ class RemoteKVCache:
                 self._send(s, _header(OP_APPEND, self.layer, B, h, T, D, self.D_v, dt, n_new is not None))
                 self._send(s, k[:, i * h:(i + 1) * h], v[:, i * h:(i + 1) * h])
                 if n_new is not None:
-                    self._send(s, torch.tensor(n, dtype=torch.long))
+                    self._send(s, torch.tensor(n, dtype=torch.long))  # host: protocol message / client bookkeeping
         else:
-            pos = torch.tensor(self._lens)[:, None] + torch.arange(T)[None, :]           # (B, T) global positions
+            pos = torch.tensor(self._lens)[:, None] + torch.arange(T)[None, :]  # host: (B, T) global positions, client bookkeeping
             owner = (pos // self.block) % S
             for i, s in enumerate(self.servers):
                 mine = [[t for t in range(n[b]) if int(owner[b, t]) == i] for b in range(B)]
                 Ts = max(len(m) for m in mine)
-                idx = torch.tensor([m + [0] * (Ts - len(m)) for m in mine], dtype=torch.long).reshape(B, Ts)
+                idx = torch.tensor([m + [0] * (Ts - len(m)) for m in mine], dtype=torch.long).reshape(B, Ts)  # host: protocol message / client bookkeeping
                 ks = k.gather(2, idx[:, None, :, None].expand(B, H, Ts, D).to(k.device))
                 vs = v.gather(2, idx[:, None, :, None].expand(B, H, Ts, self.D_v).to(v.device))
                 self._send(s, _header(OP_APPEND, self.layer, B, H, Ts, D, self.D_v, dt, 1))
                 if Ts:
-                    self._send(s, ks, vs, torch.tensor([len(m) for m in mine], dtype=torch.long), pos.gather(1, idx))
+                    self._send(s, ks, vs, torch.tensor([len(m) for m in mine], dtype=torch.long), pos.gather(1, idx))  # host: protocol message / client bookkeeping
         for s in self.servers:
             _recv_reply(self.comm, s)
         self._lens = [a + b for a, b in zip(self._lens, n)]
@@ -328,10 +328,10 @@ class RemoteKVCache:
             raise ValueError("the cache is empty: append the step's keys/values before decode")
         if return_lse and self.shard == "heads":
             raise ValueError("return_lse=True needs shard='sequence' (head-sharded servers return outputs only)")
-        scale_t = torch.tensor([check_scale(scale, D)], dtype=torch.float64)
+        scale_t = torch.tensor([check_scale(scale, D)], dtype=torch.float64)  # host: protocol message / client bookkeeping
         dt = DTYPES.index(q.dtype)
         S = len(self.servers)
-        qpos = self.lengths.cpu()[:, None] - T + torch.arange(T)[None, :]
+        qpos = self.lengths.cpu()[:, None] - T + torch.arange(T)[None, :]  # host: protocol message / client bookkeeping
         hq = H // S if self.shard == "heads" else H
         for i, s in enumerate(self.servers):
             part = q[:, i * hq:(i + 1) * hq] if self.shard == "heads" else q
