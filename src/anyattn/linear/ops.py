@@ -126,6 +126,12 @@ def _query_groups(q, H):
     return q.reshape(q.shape[0], H, q.shape[1] // H, *q.shape[2:])
 
 
+def _engine_options(in_dtype, x):
+    """Chunk-engine options: the matmul dtype for inputs of `in_dtype` (bf16 / fp16 inputs: bf16 matmuls on
+    CPU), or the autograd path inside `chunk.autograd_backward()`."""
+    return {"md": _chunk.matmul_dtype(in_dtype, x.device), "autograd": _chunk.use_autograd()}
+
+
 def _run(q, k, v, *, g=None, beta=None, delta=False, scale=None, initial_state=None,
          output_final_state=False, mode="chunk", chunk_size=64):
     dt = _compute_dtype(q)
@@ -138,9 +144,9 @@ def _run(q, k, v, *, g=None, beta=None, delta=False, scale=None, initial_state=N
     if mode == "recurrent":
         o, S = _rec.recurrent(q, k, v, scale, g, beta if delta else None, S0)
     elif delta:
-        o, S = _chunk.chunk_delta(q, k, v, beta, scale, g, S0, chunk_size)
+        o, S = _chunk.chunk_delta(q, k, v, beta, scale, g, S0, chunk_size, **_engine_options(out_dtype, q))
     else:
-        o, S = _chunk.chunk_decay_attention(q, k, v, scale, g, S0, chunk_size)
+        o, S = _chunk.chunk_decay_attention(q, k, v, scale, g, S0, chunk_size, **_engine_options(out_dtype, q))
     o = o.reshape(B, Hq, N, -1).to(out_dtype)
     return (o, S) if output_final_state else o
 
@@ -211,7 +217,7 @@ def linear_attention(q, k, v, feature_map="elu1", normalize: bool = False, causa
     elif mode == "recurrent":
         o, S = _rec.recurrent(fqg, fk, vv, scale, None, None, S0)
     else:
-        o, S = _chunk.chunk_decay_attention(fqg, fk, vv, scale, None, S0, chunk_size)
+        o, S = _chunk.chunk_decay_attention(fqg, fk, vv, scale, None, S0, chunk_size, **_engine_options(q.dtype, q))
     o = o.reshape(*q.shape[:-1], vv.shape[-1])
     if normalize:
         o = o[..., :-1] / (o[..., -1:] + eps)
