@@ -305,6 +305,33 @@ def prepare(q, k, v, scale, g, initial_state, chunk_size, extra=()):
     return (B, H, Gq, N, K, V, C), qc, to_chunks(k, C), to_chunks(v, C), G, S, extra
 
 
+def to_chunk_major(x: torch.Tensor, C: int, time_dim: int = 2, scale: float | None = None) -> torch.Tensor:
+    """`(B, H, ..., N, ...)` (time at `time_dim`) -> contiguous chunk-major `(NC, B * H, ..., C, ...)`, padded
+    with zeros to whole chunks (times `scale` if given): the chunks of a group are then one contiguous
+    slice, and chunk i of a group is `[i]`."""
+    B, H, N = x.shape[0], x.shape[1], x.shape[time_dim]
+    NC = -(-N // C)
+    if NC * C != N:
+        x = F.pad(x, [0, 0] * (x.dim() - 1 - time_dim) + [0, NC * C - N])
+    x = x.reshape(B * H, *x.shape[2:time_dim], NC, C, *x.shape[time_dim + 1:]).movedim(time_dim - 1, 0)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return out.copy_(x) if scale is None else torch.mul(x, scale, out=out)
+
+
+def chunk_view(x: torch.Tensor, C: int, time_dim: int = 2) -> torch.Tensor:
+    """Chunk-major view `(NC, B * H, ..., C, ...)` of a contiguous `(B, H, ..., NC * C, ...)` tensor (for writing
+    a group's results straight into their place)."""
+    B, H, L = x.shape[0], x.shape[1], x.shape[time_dim]
+    return x.view(B * H, *x.shape[2:time_dim], L // C, C, *x.shape[time_dim + 1:]).movedim(time_dim - 1, 0)
+
+
+def from_chunk_major(x: torch.Tensor, B: int, N: int, time_dim: int = 2) -> torch.Tensor:
+    """Inverse of `to_chunk_major`: `(NC, B * H, ..., C, ...)` -> `(B, H, ..., N, ...)`."""
+    x = x.movedim(0, time_dim - 1)
+    x = x.reshape(B, x.shape[0] // B, *x.shape[1:time_dim - 1], -1, *x.shape[time_dim + 1:])
+    return x.narrow(time_dim, 0, N)
+
+
 def unchunk(o, B, H, Gq, C, N):
     """`(B, H, NC, Gq * C, V)` chunked outputs -> `(B, H, Gq, N, V)`."""
     NC, V = o.shape[2], o.shape[-1]
