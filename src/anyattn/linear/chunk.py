@@ -15,35 +15,15 @@ state passing is a Python loop over chunks. Grouped-query heads: q carries Gq qu
 stacked as Gq * C rows of each chunk. bf16 / fp16 inputs: matmul operands in bf16 (fp32 accumulation),
 decays, cumsums and states in fp32 (`chunk_math.matmul_dtype`).
 
-`autograd_backward()` switches the ops to the engines' autograd path (the forward differentiated by
-autograd, as before the hand-written backward existed): the gradient oracle of the tests and the bench's
-"landed" baseline.
+`autograd_backward()` (from `anyattn.backward_switch`) switches the ops to the engines' autograd path (the
+previous engines differentiated by autograd): the gradient oracle of the tests and the bench's "landed"
+baseline.
 """
 from __future__ import annotations
 
-import contextlib
-
+from ..backward_switch import autograd_backward, use_autograd
 from .chunk_decay import chunk_decay_attention
 from .chunk_delta import chunk_delta
 from .chunk_math import matmul_dtype
 
 __all__ = ["chunk_decay_attention", "chunk_delta", "matmul_dtype", "autograd_backward", "use_autograd"]
-
-_AUTOGRAD = [False]
-
-
-@contextlib.contextmanager
-def autograd_backward(enabled: bool = True):
-    """Within this context the linear ops' chunk mode builds its graph through autograd instead of the
-    hand-written backward (fp32 / fp64 matmuls). For tests and benchmarks; not thread-safe."""
-    old = _AUTOGRAD[0]
-    _AUTOGRAD[0] = enabled
-    try:
-        yield
-    finally:
-        _AUTOGRAD[0] = old
-
-
-def use_autograd() -> bool:
-    """Whether `autograd_backward()` is active."""
-    return _AUTOGRAD[0]
