@@ -30,7 +30,7 @@ from ..backward_switch import use_autograd
 from ._checks import check_float, check_mode, check_positive_int, check_shape, check_tensor, compute_dtype
 from .recurrent import selective_scan_recurrent_core
 
-__all__ = ["selective_scan", "selective_scan_fn"]
+__all__ = ["selective_scan", "selective_scan_fn", "selective_scan_ref"]
 
 _SPAN_LIMIT = {torch.float32: 60.0, torch.float64: 600.0}
 _LOG_FLOOR = {torch.float32: -60.0, torch.float64: -600.0}
@@ -424,3 +424,10 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     """Drop-in for `mamba_ssm.selective_scan_fn` (same positional arguments; chunked CPU/GPU path)."""
     return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                           output_final_state=bool(return_last_state))
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       initial_state=None, output_final_state=False):
+    """The step-by-step recurrence with `selective_scan`'s signature (it is `mode="recurrent"`)."""
+    return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state=initial_state,
+                          output_final_state=output_final_state, mode="recurrent")
