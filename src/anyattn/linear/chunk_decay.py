@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .chunk_math import (chunk_size_for, chunk_view, decay_factors, decay_matrix, gram_scalar, gram_vector,
-                         gram_vector_backward, mm, prepare, to_chunk_major, unchunk)
+                         gram_vector_backward, prepare, to_chunk_major, unchunk)
 
 # Tokens per group of chunks (its per-group work is lighter than the delta engine's, so its groups are
 # longer: fewer Python steps).
@@ -58,80 +58,110 @@ def _state_scan_backward(dS, d, dS_o):
     return torch.stack(afters), dS
 
 
-def _decay_group(q, k, v, G, S, md=None):
-    """One group of n chunks, chunk-major: q `(n, BH, Gq, C, K)`, k `(n, BH, C, K)`, v `(n, BH, C, V)`,
-    G None | `(n, BH, C)` | `(n, BH, C, K)`, S `(BH, K, V)`; md: matmul operand dtype (None: the inputs').
+def _decays(G):
+    """(e^Γ, e^{Γ_C - Γ}, e^{Γ_C}) shaped to multiply `(M, C, K)` rows and the state `(M, K or 1, 1)`
+    (G `(M, C)` scalar or `(M, C, K)` per channel); all None without decay."""
+    if G is None:
+        return None, None, None
+    if G.dim() == 2:
+        return torch.exp(G)[..., None], torch.exp(G[:, -1:] - G)[..., None], torch.exp(G[:, -1:])[..., None]
+    return torch.exp(G), torch.exp(G[:, -1:, :] - G), torch.exp(G[:, -1:, :]).transpose(1, 2)
+
+
+def _scaled(x, f, dtype):
+    """x ⊙ f (f None: x) in `dtype` (one pass)."""
+    if f is None:
+        return x.to(dtype)
+    return torch.mul(x, f, out=torch.empty(torch.broadcast_shapes(x.shape, f.shape), dtype=dtype, device=x.device))
+
+
+def _decay_group(q, k, v, G, S):
+    """One group of n chunks, chunk-major: q `(n, BH, Gq, C, K)`, k `(n, BH, C, K)`, v `(n, BH, C, V)` in the
+    matmul dtype; G None | `(n, BH, C)` | `(n, BH, C, K)` and S `(BH, K, V)` in the compute dtype.
     Returns (o `(n, BH, Gq * C, V)`, S, saved = (A, entering states, decay matrix or None))."""
     n, BH, Gq, C, K = q.shape
     V = v.shape[-1]
     M = n * BH
+    md, cd = q.dtype, S.dtype
     q, k, v = q.reshape(M, Gq, C, K), k.reshape(M, C, K), v.reshape(M, C, V)
     G = None if G is None else G.reshape(M, *G.shape[2:])
+    eG, eL, d = _decays(G)
     E = None
     if G is not None and G.dim() == 3:
-        A = gram_vector(q, k[:, None], G[:, None], md)                        # (M, Gq, C, C)
+        A = gram_vector(q.to(cd), k[:, None].to(cd), G[:, None], md).to(md)      # (M, Gq, C, C)
     else:
-        A = mm(q.view(M, Gq * C, K), k.transpose(1, 2), md).view(M, Gq, C, C)
+        A = (q.view(M, Gq * C, K) @ k.transpose(1, 2)).view(M, Gq, C, C)
         if G is None:
             A = A.tril()
         else:
             E = decay_matrix(G)
-            A = A * E[:, None]
-    qd, kd, d = decay_factors(G, q, k)
+            A = _scaled(A, E[:, None], md)
+    kd = _scaled(k, eL, md)
     prev, S = _state_scan(S, None if d is None else d.view(n, BH, *d.shape[1:]),
-                          mm(kd.transpose(1, 2), v, md).view(n, BH, K, V))
-    o = mm(A.view(M, Gq * C, C), v, md) + mm(qd.reshape(M, Gq * C, K), prev.view(M, K, V), md)
+                          (kd.transpose(1, 2) @ v).to(cd).view(n, BH, K, V))
+    prev = prev.view(M, K, V).to(md)
+    qd = _scaled(q, None if eG is None else eG[:, None], md)
+    o = torch.baddbmm(A.view(M, Gq * C, C) @ v, qd.view(M, Gq * C, K), prev)
     return o.view(n, BH, Gq * C, V), S, (A, prev, E)
 
 
-def _decay_group_backward(q, k, v, G, saved, do, dS, md=None):
-    """Backward of `_decay_group` for do `(n, BH, Gq * C, V)` and dS (cotangent of the state after the group).
-    Returns (dq, dk, dv, dΓ or None) chunk-major `(n, BH, ...)`, and the cotangent of the state before."""
+def _decay_group_backward(q, k, v, G, saved, do, dS):
+    """Backward of `_decay_group` for do `(n, BH, Gq * C, V)` (matmul dtype) and dS (cotangent of the state
+    after the group). Returns (dq, dk, dv, dΓ or None) chunk-major `(n, BH, ...)` in the compute dtype, and the
+    cotangent of the state before."""
     A, prev, E = saved
     n, BH, Gq, C, K = q.shape
     V = v.shape[-1]
     M = n * BH
+    md, cd = q.dtype, dS.dtype
     q, k, v = q.reshape(M, Gq, C, K), k.reshape(M, C, K), v.reshape(M, C, V)
     G = None if G is None else G.reshape(M, *G.shape[2:])
     do = do.reshape(M, Gq * C, V)
-    qd, kd, d = decay_factors(G, q, k)
-    dS_o = mm(qd.reshape(M, Gq * C, K).transpose(1, 2), do, md).view(n, BH, K, V)
+    eG, eL, d = _decays(G)
+    qd = _scaled(q, None if eG is None else eG[:, None], md)
+    kd = _scaled(k, eL, md)
+    dS_o = (qd.view(M, Gq * C, K).transpose(1, 2) @ do).to(cd).view(n, BH, K, V)
     dSn, dS = _state_scan_backward(dS, None if d is None else d.view(n, BH, *d.shape[1:]), dS_o)
     dSn = dSn.view(M, K, V)
-    prev = prev.view(M, K, V)
-    dv = mm(A.view(M, Gq * C, C).transpose(1, 2), do, md) + mm(kd, dSn, md)
-    dA = mm(do, v.transpose(1, 2), md).view(M, Gq, C, C)
-    dqd = mm(do, prev.transpose(1, 2), md).view(M, Gq, C, K)
-    dkd = mm(v, dSn.transpose(1, 2), md)
+    dSn_m = dSn.to(md)
+    dv = torch.baddbmm(A.view(M, Gq * C, C).transpose(1, 2) @ do, kd, dSn_m)
+    dA = (do @ v.transpose(1, 2)).view(M, Gq, C, C)
+    dqd = (do @ prev.transpose(1, 2)).view(M, Gq, C, K)
+    dkd = v @ dSn_m.transpose(1, 2)
     shape = lambda x: x.view(n, BH, *x.shape[1:])  # noqa: E731
     if G is not None and G.dim() == 3:                                 # per-channel decay
-        dq, dk = gram_vector_backward(q, k[:, None], G[:, None], dA, md)
-        dq = torch.addcmul(dq, dqd, torch.exp(G)[:, None])
-        dk = torch.addcmul(dk[:, 0], dkd, torch.exp(G[:, -1:, :] - G))
+        dq, dk = gram_vector_backward(q.to(cd), k[:, None].to(cd), G[:, None], dA.to(cd), md)
+        dq = torch.addcmul(dq, dqd, eG[:, None])
+        dk = torch.addcmul(dk[:, 0], dkd, eL)
         dG = (q * dq).sum(1) - k * dk
-        dG[:, -1, :] += (kd * dkd).sum(-2) + d[..., 0] * (prev * dSn).sum(-1)
+        dG[:, -1, :] += (kd * dkd).sum(-2, dtype=cd) + d[..., 0] * (prev * dSn).sum(-1)
         return shape(dq), shape(dk), shape(dv), shape(dG), dS
-    dA = dA.tril() if E is None else dA * E[:, None]
-    dq = mm(dA.view(M, Gq * C, C), k, md).view(M, Gq, C, K)
-    dk = mm(dA.view(M, Gq * C, C).transpose(1, 2), q.reshape(M, Gq * C, K), md)
+    dA = dA.tril() if E is None else _scaled(dA, E[:, None], md)
+    dq = (dA.view(M, Gq * C, C) @ k).view(M, Gq, C, K)
+    dk = dA.view(M, Gq * C, C).transpose(1, 2) @ q.reshape(M, Gq * C, K)
     if G is None:
-        return shape(dq + dqd), shape(dk + dkd), shape(dv), None, dS
-    dq = torch.addcmul(dq, dqd, torch.exp(G)[:, None, :, None])        # scalar decay
-    dk = torch.addcmul(dk, dkd, torch.exp(G[:, -1:] - G)[..., None])
+        return shape(dq.to(cd) + dqd), shape(dk.to(cd) + dkd), shape(dv), None, dS
+    dq = torch.addcmul(dq.to(cd), dqd, eG[:, None])                   # scalar decay
+    dk = torch.addcmul(dk.to(cd), dkd, eL)
     dG = (q * dq).sum((1, -1)) - (k * dk).sum(-1)
-    dG[:, -1] += (kd * dkd).sum((-1, -2)) + d[:, 0, 0] * (prev * dSn).sum((-1, -2))
+    dG[:, -1] += (kd * dkd).sum((-1, -2), dtype=cd) + d[:, 0, 0] * (prev * dSn).sum((-1, -2))
     return shape(dq), shape(dk), shape(dv), shape(dG), dS
 
 
 def _forward(q, k, v, scale, g, initial_state, chunk_size, md, save):
-    """The engine on chunk-major tensors: returns (o, S_N, saved or None, dims)."""
+    """The engine on chunk-major tensors (q, k, v cast to the matmul dtype md; g and the state in the compute
+    dtype): returns (o in q's dtype, S_N, saved or None, dims)."""
     B, H, Gq, N, K = q.shape
     V = v.shape[-1]
     C = chunk_size_for(N, chunk_size)
-    qc = to_chunk_major(q, C, time_dim=3, scale=scale)                            # (NC, BH, Gq, C, K)
-    kc, vc = to_chunk_major(k, C), to_chunk_major(v, C)
+    md = md or q.dtype
+    qc = to_chunk_major(q, C, time_dim=3, scale=scale, dtype=md)                  # (NC, BH, Gq, C, K)
+    kc, vc = to_chunk_major(k, C, dtype=md), to_chunk_major(v, C, dtype=md)
     G = None if g is None else to_chunk_major(g, C).cumsum(2)
-    S = k.new_zeros(B * H, K, V) if initial_state is None else initial_state.reshape(B * H, K, V)
+    if initial_state is not None:
+        S = initial_state.reshape(B * H, K, V)
+    else:
+        S = torch.zeros(B * H, K, V, device=q.device, dtype=g.dtype if g is not None else _compute(q.dtype))
     NC = qc.shape[0]
     n = max(1, DECAY_GROUP_TOKENS // C)
     out = q.new_empty(B, H, Gq, NC * C, V)
@@ -139,12 +169,16 @@ def _forward(q, k, v, scale, g, initial_state, chunk_size, md, save):
     saved = []
     for i0 in range(0, NC, n):
         sl = slice(i0, i0 + n)
-        o, S, sv = _decay_group(qc[sl], kc[sl], vc[sl], None if G is None else G[sl], S, md)
+        o, S, sv = _decay_group(qc[sl], kc[sl], vc[sl], None if G is None else G[sl], S)
         oc[sl] = o.view(-1, B * H, Gq, C, V)
         if save:
             saved.append(sv)
     return (out.narrow(3, 0, N), S.reshape(B, H, K, V), ((qc, kc, vc, G), saved) if save else None,
             (B, H, Gq, N, K, V, C))
+
+
+def _compute(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _DecayChunk(torch.autograd.Function):
@@ -155,7 +189,7 @@ class _DecayChunk(torch.autograd.Function):
         o, S, (inputs, per_group), dims = _forward(q, k, v, scale, g, initial_state, chunk_size, md, True)
         ctx.save_for_backward(*inputs)
         ctx.per_group = per_group      # intermediates of each group (not inputs or outputs: kept on ctx, no copy)
-        ctx.dims, ctx.scale, ctx.md = dims, scale, md
+        ctx.dims, ctx.scale, ctx.dtypes = dims, scale, (q.dtype, k.dtype, v.dtype, S.dtype)
         return o, S
 
     @staticmethod
@@ -163,18 +197,20 @@ class _DecayChunk(torch.autograd.Function):
         qc, kc, vc, G = ctx.saved_tensors
         per_group, ctx.per_group = ctx.per_group, None
         B, H, Gq, N, K, V, C = ctx.dims
-        do = to_chunk_major(do, C, time_dim=3).view(-1, B * H, Gq * C, V)
-        dS = dS.reshape(B * H, K, V)
+        tq, tk, tv, cd = ctx.dtypes
+        do = to_chunk_major(do, C, time_dim=3, dtype=qc.dtype).view(-1, B * H, Gq * C, V)
+        dS = dS.reshape(B * H, K, V).to(cd)
         n = max(1, DECAY_GROUP_TOKENS // C)
         NC = qc.shape[0]
-        dq, dk, dv = qc.new_empty(B, H, Gq, NC * C, K), qc.new_empty(B, H, NC * C, K), qc.new_empty(B, H, NC * C, V)
-        dg = None if G is None else qc.new_empty(B, H, NC * C, *G.shape[3:])
+        new = qc.new_empty
+        dq, dk, dv = new(B, H, Gq, NC * C, K, dtype=tq), new(B, H, NC * C, K, dtype=tk), new(B, H, NC * C, V, dtype=tv)
+        dg = None if G is None else new(B, H, NC * C, *G.shape[3:], dtype=cd)
         dests = [chunk_view(dq, C, time_dim=3), chunk_view(dk, C), chunk_view(dv, C),
                  None if dg is None else chunk_view(dg, C)]
         for j in reversed(range(len(per_group))):
             sl = slice(j * n, (j + 1) * n)
             dqg, dkg, dvg, dGg, dS = _decay_group_backward(qc[sl], kc[sl], vc[sl], None if G is None else G[sl],
-                                                           per_group[j], do[sl], dS, ctx.md)
+                                                           per_group[j], do[sl], dS)
             per_group[j] = None
             torch.mul(dqg, ctx.scale, out=dests[0][sl])
             dests[1][sl], dests[2][sl] = dkg, dvg

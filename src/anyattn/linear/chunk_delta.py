@@ -25,176 +25,204 @@ from __future__ import annotations
 import torch
 
 from .chunk_math import (chunk_size_for, chunk_view, decay_factors, decay_matrix, gram_vector, gram_vector_backward,
-                         mm, prepare, solve_unit_lower, to_chunk_major, unchunk, unit_lower_inverse)
+                         prepare, solve_unit_lower, to_chunk_major, unchunk, unit_lower_inverse)
 
 # Tokens per group of chunks: every step of a group (grams, inverse, state passing) works on about this
 # many tokens of every head, so its operands stay in cache.
 GROUP_TOKENS = 256
 
 
-def _exp_g(G):
-    """e^Γ shaped to multiply `(M, C, K)` (G `(M, C)` or `(M, C, K)`)."""
-    return torch.exp(G)[..., None] if G.dim() == 2 else torch.exp(G)
-
-
-def _exp_last(G):
-    """e^{Γ_C - Γ} shaped to multiply `(M, C, K)`."""
+def _decays(G):
+    """(e^Γ, e^{Γ_C - Γ}, e^{Γ_C}) shaped to multiply `(M, C, K)` rows and the state `(M, K or 1, 1)`
+    (G `(M, C)` scalar or `(M, C, K)` per channel); all None without decay."""
+    if G is None:
+        return None, None, None
     if G.dim() == 2:
-        return torch.exp(G[:, -1:] - G)[..., None]
-    return torch.exp(G[:, -1:, :] - G)
+        return torch.exp(G)[..., None], torch.exp(G[:, -1:] - G)[..., None], torch.exp(G[:, -1:])[..., None]
+    return torch.exp(G), torch.exp(G[:, -1:, :] - G), torch.exp(G[:, -1:, :]).transpose(1, 2)
 
 
-def _grams(q, k, kb, G, E, md):
-    """(A_kk strictly lower `(M, C, C)`, A_qk `(M, Gq, C, C)`): decayed grams of (kb, k) and (q, k).
-    q `(M, Gq, C, K)`, k, kb `(M, C, K)`, G None | `(M, C)` | `(M, C, K)`, E the decay matrix of a scalar G."""
-    M, Gq, C, K = q.shape
-    if G is not None and G.dim() == 3:
-        A = gram_vector(torch.cat([kb[None], q.transpose(0, 1)]), k, G, md)   # (1 + Gq, M, C, C)
-        return A[0].tril(-1), A[1:].transpose(0, 1)
-    A = mm(torch.cat([kb[:, None], q], 1).view(M, (1 + Gq) * C, K), k.transpose(1, 2), md).view(M, 1 + Gq, C, C)
-    A = A.tril() if E is None else A * E[:, None]
-    return A[:, 0].tril(-1), A[:, 1:]
+def _scaled(x, f, dtype):
+    """x ⊙ f (f None: x) in `dtype` (one pass)."""
+    if f is None:
+        return x.to(dtype)
+    return torch.mul(x, f, out=torch.empty(torch.broadcast_shapes(x.shape, f.shape), dtype=dtype, device=x.device))
 
 
-def _state_passing(S, W, U, kd, d, md):
+def _state_passing(S, W, U, kdT, d, md):
     """The loop over the n chunks of a group: Ṽ = U - W S, S <- d ⊙ S + kd^T Ṽ. W `(n, BH, C, K)`,
-    U `(n, BH, C, V)`, kd `(n, BH, C, K)`, d None or `(n, BH, K or 1, 1)`, S `(BH, K, V)`.
-    Returns (Ṽ `(n, BH, C, V)`, the entering states `(n, BH, K, V)`, S after the last chunk)."""
+    U `(n, BH, C, V)`, kdT `(n, BH, K, C)` (in the matmul dtype), d None or `(n, BH, K or 1, 1)`, S `(BH, K, V)`
+    (compute dtype). Returns (Ṽ `(n, BH, C, V)` in the matmul dtype, the entering states, S after the last)."""
     n = W.shape[0]
     dl = [None] * n if d is None else d.unbind(0)
-    kdT = kd.transpose(-1, -2)
     Vn, prev = [], []
-    fp = md is None or md == S.dtype
-    if not fp:
-        W, kdT = W.to(md), kdT.to(md)
     for i in range(n):
         prev.append(S)
-        if fp:
-            v_new = torch.baddbmm(U[i], W[i], S, alpha=-1.0)
+        if W.dtype == S.dtype:
+            v_new = torch.baddbmm(U[i], W[i], S, alpha=-1.0)                          # Ṽ = U - W S
             S = torch.baddbmm(S if dl[i] is None else S * dl[i], kdT[i], v_new)
         else:                                                          # low-precision operands, fp32 state
-            v_new = U[i] - (W[i] @ S.to(md)).to(S.dtype)
-            S = (kdT[i] @ v_new.to(md)).to(S.dtype) + (S if dl[i] is None else S * dl[i])
+            v_new = (U[i].to(S.dtype) - (W[i] @ S.to(W.dtype)).to(S.dtype)).to(W.dtype)
+            S = (kdT[i] @ v_new).to(S.dtype) + (S if dl[i] is None else S * dl[i])
         Vn.append(v_new)
     return torch.stack(Vn), torch.stack(prev), S
 
 
-def _state_passing_backward(dS, dV_in, dS_o, W, kd, d, md):
+def _state_passing_backward(dS, dV_in, dS_o, WT, kd, d):
     """Adjoint of `_state_passing`, a reverse loop: dṼ = dV_in + kd dS',  dS = dS_o + d ⊙ dS' - W^T dṼ.
-    dV_in `(n, BH, C, V)`, dS_o `(n, BH, K, V)`, W, kd `(n, BH, C, K)`, d None or `(n, BH, K or 1, 1)`, dS the
-    cotangent of the state after the last chunk. Returns (dṼ, dS' for each chunk, dS before the first)."""
-    n = W.shape[0]
+    dV_in `(n, BH, C, V)`, dS_o `(n, BH, K, V)`, WT `(n, BH, K, C)`, kd `(n, BH, C, K)` (matmul dtype), d None or
+    `(n, BH, K or 1, 1)`, dS the cotangent of the state after the last chunk (compute dtype).
+    Returns (dṼ, dS' for each chunk, dS before the first), in the compute dtype."""
+    n = WT.shape[0]
     dl = [None] * n if d is None else d.unbind(0)
-    WT = W.transpose(-1, -2)
     dVn, dSn = [None] * n, [None] * n
-    fp = md is None or md == dS.dtype
-    if not fp:
-        WT, kd = WT.to(md), kd.to(md)
+    fp = WT.dtype == dS.dtype
     for i in reversed(range(n)):
         dSn[i] = dS
-        carry = dS_o[i] + dS if dl[i] is None else torch.addcmul(dS_o[i], dS, dl[i])
+        carry = dS_o[i] + dS if dl[i] is None else torch.addcmul(dS_o[i].to(dS.dtype), dS, dl[i])
         if fp:
             dv_i = torch.baddbmm(dV_in[i], kd[i], dS)
             dS = torch.baddbmm(carry, WT[i], dv_i, alpha=-1.0)
         else:
-            dv_i = dV_in[i] + (kd[i] @ dS.to(md)).to(dS.dtype)
-            dS = carry - (WT[i] @ dv_i.to(md)).to(dS.dtype)
+            dv_i = dV_in[i].to(dS.dtype) + (kd[i] @ dS.to(kd.dtype)).to(dS.dtype)
+            dS = carry - (WT[i] @ dv_i.to(WT.dtype)).to(dS.dtype)
         dVn[i] = dv_i
     return torch.stack(dVn), torch.stack(dSn), dS
 
 
-def _delta_group(q, k, v, b, G, S, md=None):
-    """One group of n chunks, chunk-major: q `(n, BH, Gq, C, K)`, k `(n, BH, C, K)`, v `(n, BH, C, V)`,
-    b `(n, BH, C)`, G None | `(n, BH, C)` | `(n, BH, C, K)`; S `(BH, K, V)` the state before the group;
-    md: matmul operand dtype (None: the inputs'). Flattened inside to M = n * BH matrices.
+def _grams(Y, k, G, E):
+    """(A_kk strictly lower `(M, C, C)`, A_qk `(M, Gq, C, C)` in k's dtype): decayed grams of the rows
+    Y = [β K, Q] `(M, 1 + Gq, C, K)` against k `(M, C, K)` (both in the matmul dtype; G, E in the compute dtype)."""
+    M, R, C, K = Y.shape
+    if G is not None and G.dim() == 3:
+        A = gram_vector(Y.transpose(0, 1).to(G.dtype), k.to(G.dtype), G, k.dtype)   # (1 + Gq, M, C, C)
+        return A[0].tril(-1), A[1:].transpose(0, 1).to(k.dtype)
+    A = (Y.view(M, R * C, K) @ k.transpose(1, 2)).view(M, R, C, C)
+    if E is None:
+        return A[:, 0].tril(-1), A[:, 1:].tril()
+    return (A[:, 0] * E).tril(-1), _scaled(A[:, 1:], E[:, None], k.dtype)
+
+
+def _rows(q, k, b, dtype):
+    """Y = [β K, Q] `(M, 1 + Gq, C, K)` in `dtype`: the rows of both grams."""
+    M, Gq, C, K = q.shape
+    Y = torch.empty(M, 1 + Gq, C, K, dtype=dtype, device=q.device)
+    torch.mul(k, b[:, :, None], out=Y[:, 0])
+    Y[:, 1:] = q
+    return Y
+
+
+def _delta_group(q, k, v, b, G, S):
+    """One group of n chunks, chunk-major: q `(n, BH, Gq, C, K)`, k `(n, BH, C, K)`, v `(n, BH, C, V)` in the
+    matmul dtype; b `(n, BH, C)`, G None | `(n, BH, C)` | `(n, BH, C, K)` and S `(BH, K, V)` (the state before
+    the group) in the compute dtype. Flattened inside to M = n * BH matrices.
     Returns (o `(n, BH, Gq * C, V)`, S, saved = (A_qk, T, W, Ṽ, entering states, E))."""
     n, BH, Gq, C, K = q.shape
     V = v.shape[-1]
     M = n * BH
+    md = q.dtype
     q, k, v, b = q.reshape(M, Gq, C, K), k.reshape(M, C, K), v.reshape(M, C, V), b.reshape(M, C)
     G = None if G is None else G.reshape(M, *G.shape[2:])
-    kb = k * b[:, :, None]
+    eG, eL, d = _decays(G)
     E = decay_matrix(G) if G is not None and G.dim() == 2 else None
-    A_kk, A_qk = _grams(q, k, kb, G, E, md)
-    T = unit_lower_inverse(A_kk)
-    X = mm(T, torch.cat([kb if G is None else kb * _exp_g(G), v * b[:, :, None]], -1), md)   # [W, U]
-    qd, kd, d = decay_factors(G, q, k)
-    Xg = X.view(n, BH, C, K + V)
-    Vn, prev, S = _state_passing(S, Xg[..., :K], Xg[..., K:], kd.view(n, BH, C, K),
+    Y = _rows(q, k, b, md)
+    A_kk, A_qk = _grams(Y, k, G, E)
+    T = unit_lower_inverse(A_kk.to(S.dtype)).to(md)
+    R = torch.empty(M, C, K + V, dtype=md, device=q.device)                        # [β e^Γ K, β V]
+    if eG is None:
+        R[..., :K] = Y[:, 0]
+    else:
+        torch.mul(Y[:, 0], eG, out=R[..., :K])
+    torch.mul(v, b[:, :, None], out=R[..., K:])
+    X = (T @ R).view(n, BH, C, K + V)                                              # [W, U]
+    kd = _scaled(k, eL, md)
+    Vn, prev, S = _state_passing(S, X[..., :K], X[..., K:], kd.view(n, BH, C, K).transpose(-1, -2),
                                  None if d is None else d.view(n, BH, *d.shape[1:]), md)
-    Vn, prev = Vn.view(M, C, V), prev.view(M, K, V)
-    o = mm(A_qk.reshape(M, Gq * C, C), Vn, md) + mm(qd.reshape(M, Gq * C, K), prev, md)
-    return o.view(n, BH, Gq * C, V), S, (A_qk, T, X[..., :K], Vn, prev, E)
+    Vn, prev_m = Vn.view(M, C, V), prev.view(M, K, V).to(md)
+    qd = _scaled(q, None if eG is None else eG[:, None], md)
+    o = torch.baddbmm(A_qk.reshape(M, Gq * C, C) @ Vn, qd.view(M, Gq * C, K), prev_m)
+    return o.view(n, BH, Gq * C, V), S, (A_qk, T, X.view(M, C, K + V)[..., :K], Vn, prev_m, E)
 
 
-def _delta_group_backward(q, k, v, b, G, saved, do, dS, md=None):
-    """Backward of `_delta_group` for do `(n, BH, Gq * C, V)` and dS (cotangent of the state after the group).
-    Returns (dq, dk, dv, dβ, dΓ or None) chunk-major `(n, BH, ...)`, and the cotangent of the state before."""
+def _delta_group_backward(q, k, v, b, G, saved, do, dS):
+    """Backward of `_delta_group` for do `(n, BH, Gq * C, V)` (matmul dtype) and dS (cotangent of the state
+    after the group). Returns (dq, dk, dv, dβ, dΓ or None) chunk-major `(n, BH, ...)` in the compute dtype,
+    and the cotangent of the state before the group."""
     A_qk, T, W, Vn, prev, E = saved
     n, BH, Gq, C, K = q.shape
     V = v.shape[-1]
     M = n * BH
+    md, cd = q.dtype, dS.dtype
     q, k, v, b = q.reshape(M, Gq, C, K), k.reshape(M, C, K), v.reshape(M, C, V), b.reshape(M, C)
     G = None if G is None else G.reshape(M, *G.shape[2:])
     do = do.reshape(M, Gq * C, V)
-    qd, kd, d = decay_factors(G, q, k)
-    dV_in = mm(A_qk.reshape(M, Gq * C, C).transpose(1, 2), do, md)                  # A_qk^T dO
-    dS_o = mm(qd.reshape(M, Gq * C, K).transpose(1, 2), do, md)                     # (Q e^Γ)^T dO
+    eG, eL, d = _decays(G)
+    qd = _scaled(q, None if eG is None else eG[:, None], md)
+    kd = _scaled(k, eL, md)
+    dV_in = A_qk.reshape(M, Gq * C, C).transpose(1, 2) @ do                       # A_qk^T dO
+    dS_o = qd.view(M, Gq * C, K).transpose(1, 2) @ do                             # (Q e^Γ)^T dO
     dVn, dSn, dS = _state_passing_backward(dS, dV_in.view(n, BH, C, V), dS_o.view(n, BH, K, V),
-                                           W.view(n, BH, C, K), kd.view(n, BH, C, K),
-                                           None if d is None else d.view(n, BH, *d.shape[1:]), md)
+                                           W.view(n, BH, C, K).transpose(-1, -2), kd.view(n, BH, C, K),
+                                           None if d is None else d.view(n, BH, *d.shape[1:]))
     dVn, dSn = dVn.view(M, C, V), dSn.view(M, K, V)
-    dr = mm(T.transpose(1, 2), dVn, md)                                            # (M, C, V)
-    Y = torch.cat([-dr[:, None], do.view(M, Gq, C, V)], 1).view(M, (1 + Gq) * C, V)
-    Z = mm(Y, Vn.transpose(1, 2), md).view(M, 1 + Gq, C, C)                        # [dA_kk, dA_qk], unmasked
-    P = mm(Y, prev.transpose(1, 2), md).view(M, 1 + Gq, C, K)                      # [d(β e^Γ K), d(Q e^Γ)]
-    dkd = mm(Vn, dSn.transpose(1, 2), md)                                          # d(e^{Γ_C - Γ} K)
+    dr = T.transpose(1, 2) @ dVn.to(md)                                            # (M, C, V)
+    Y2 = torch.empty(M, 1 + Gq, C, V, dtype=md, device=q.device)                   # [-dr, dO]
+    torch.neg(dr, out=Y2[:, 0])
+    Y2[:, 1:] = do.view(M, Gq, C, V)
+    Y2 = Y2.view(M, (1 + Gq) * C, V)
+    Z = (Y2 @ Vn.transpose(1, 2)).view(M, 1 + Gq, C, C)                           # [dA_kk, dA_qk], unmasked
+    P = (Y2 @ prev.transpose(1, 2)).view(M, 1 + Gq, C, K)                         # [d(β e^Γ K), d(Q e^Γ)]
+    dSn_m = dSn.to(md)
+    dkd = Vn @ dSn_m.transpose(1, 2)                                              # d(e^{Γ_C - Γ} K)
     dkg, dqd = P[:, 0], P[:, 1:]
-    kb = k * b[:, :, None]
+    Y = _rows(q, k, b, md)
     if G is not None and G.dim() == 3:
         Z = Z.tril()
         Z[:, 0].diagonal(dim1=-2, dim2=-1).zero_()
-        rows, dk_col = gram_vector_backward(torch.cat([kb[None], q.transpose(0, 1)]), k, G, Z.transpose(0, 1), md)
+        rows, dk_col = gram_vector_backward(Y.transpose(0, 1).to(cd), k.to(cd), G, Z.transpose(0, 1).to(cd), md)
         d_kb, dq = rows[0], rows[1:].transpose(0, 1)
     else:
-        Z = Z.tril() if E is None else Z * E[:, None]
+        Z = Z.tril() if E is None else _scaled(Z, E[:, None], md)
         Z[:, 0].diagonal(dim1=-2, dim2=-1).zero_()
         Z = Z.view(M, (1 + Gq) * C, C)
-        rows = mm(Z, k, md).view(M, 1 + Gq, C, K)
-        dk_col = mm(Z.transpose(1, 2), torch.cat([kb[:, None], q], 1).view(M, (1 + Gq) * C, K), md)
+        rows = (Z @ k).view(M, 1 + Gq, C, K)
+        dk_col = Z.transpose(1, 2) @ Y.view(M, (1 + Gq) * C, K)
         d_kb, dq = rows[:, 0], rows[:, 1:]
     shape = lambda x: x.view(n, BH, *x.shape[1:])  # noqa: E731
+    dv = dr * b[:, :, None]                                                        # compute dtype (b's)
     if G is None:
-        d_row = d_kb + dkg                                               # d(β k): the gram's rows and kg = β k
-        dk = d_row * b[:, :, None] + dk_col + dkd
-        db = (k * d_row).sum(-1) + (dr * v).sum(-1)
-        return shape(dq + dqd), shape(dk), shape(dr * b[:, :, None]), shape(db), None, dS
-    eG = _exp_g(G)
-    dq = torch.addcmul(dq, dqd, eG[:, None])
-    d_row = torch.addcmul(d_kb, dkg, eG)                                # d(β k): gram rows and kg = β e^Γ k
+        d_row = d_kb.to(cd) + dkg                                      # d(β k): the gram's rows and kg = β k
+        dk = torch.addcmul(dk_col.to(cd) + dkd, d_row, b[:, :, None])
+        db = (k * d_row).sum(-1) + (dr * v).sum(-1, dtype=cd)
+        return shape(dq + dqd.to(cd)), shape(dk), shape(dv), shape(db), None, dS
+    dq = torch.addcmul(dq.to(cd), dqd, eG[:, None])
+    d_row = torch.addcmul(d_kb.to(cd), dkg, eG)                       # d(β k): gram rows and kg = β e^Γ k
     dk_b = d_row * b[:, :, None]
-    dk_c = torch.addcmul(dk_col, dkd, _exp_last(G))                     # gram columns and kd = e^{Γ_C - Γ} k
-    db = (k * d_row).sum(-1) + (dr * v).sum(-1)
+    dk_c = torch.addcmul(dk_col.to(cd), dkd, eL)                      # gram columns and kd = e^{Γ_C - Γ} k
+    db = (k * d_row).sum(-1) + (dr * v).sum(-1, dtype=cd)
     # dΓ = Σ_q q dq + (β k) d_kb + kg dkg - k dk_col - kd dkd, plus the chunk-end terms
     dG = (q * dq).sum(1) + k * (dk_b - dk_c)
-    last = (kd * dkd).sum(-2) + (prev * dSn).sum(-1) * d[..., 0]          # (M, K) or (M, 1)
+    last = (kd * dkd).sum(-2, dtype=cd) + (prev * dSn).sum(-1) * d[..., 0]          # (M, K) or (M, 1)
     if G.dim() == 2:
         dG = dG.sum(-1)
         dG[:, -1] += last.sum(-1)
     else:
         dG[:, -1, :] += last
-    return shape(dq), shape(dk_b + dk_c), shape(dr * b[:, :, None]), shape(db), shape(dG), dS
+    return shape(dq), shape(dk_b + dk_c), shape(dv), shape(db), shape(dG), dS
 
 
 def _forward(q, k, v, beta, scale, g, initial_state, chunk_size, md, save):
-    """The engine on chunk-major tensors: returns (o, S_N, saved or None, dims)."""
+    """The engine on chunk-major tensors (q, k, v cast to the matmul dtype md; beta, g, the state in the compute
+    dtype): returns (o in q's dtype, S_N, saved or None, dims)."""
     B, H, Gq, N, K = q.shape
     V = v.shape[-1]
     C = chunk_size_for(N, chunk_size)
-    qc = to_chunk_major(q, C, time_dim=3, scale=scale)                            # (NC, BH, Gq, C, K)
-    kc, vc, bc = (to_chunk_major(x, C) for x in (k, v, beta))
+    md = md or q.dtype
+    qc = to_chunk_major(q, C, time_dim=3, scale=scale, dtype=md)                  # (NC, BH, Gq, C, K)
+    kc, vc = to_chunk_major(k, C, dtype=md), to_chunk_major(v, C, dtype=md)
+    bc = to_chunk_major(beta, C)
     G = None if g is None else to_chunk_major(g, C).cumsum(2)
-    S = k.new_zeros(B * H, K, V) if initial_state is None else initial_state.reshape(B * H, K, V)
+    S = beta.new_zeros(B * H, K, V) if initial_state is None else initial_state.reshape(B * H, K, V)
     NC = qc.shape[0]
     n = max(1, GROUP_TOKENS // C)
     out = q.new_empty(B, H, Gq, NC * C, V)
@@ -202,7 +230,7 @@ def _forward(q, k, v, beta, scale, g, initial_state, chunk_size, md, save):
     saved = []
     for i0 in range(0, NC, n):
         sl = slice(i0, i0 + n)
-        o, S, sv = _delta_group(qc[sl], kc[sl], vc[sl], bc[sl], None if G is None else G[sl], S, md)
+        o, S, sv = _delta_group(qc[sl], kc[sl], vc[sl], bc[sl], None if G is None else G[sl], S)
         oc[sl] = o.view(-1, B * H, Gq, C, V)
         if save:
             saved.append(sv)
@@ -218,7 +246,7 @@ class _DeltaChunk(torch.autograd.Function):
         o, S, (inputs, per_group), dims = _forward(q, k, v, beta, scale, g, initial_state, chunk_size, md, True)
         ctx.save_for_backward(*inputs)
         ctx.per_group = per_group      # intermediates of each group (not inputs or outputs: kept on ctx, no copy)
-        ctx.dims, ctx.scale, ctx.md = dims, scale, md
+        ctx.dims, ctx.scale, ctx.dtypes = dims, scale, (q.dtype, k.dtype, v.dtype)
         return o, S
 
     @staticmethod
@@ -226,19 +254,20 @@ class _DeltaChunk(torch.autograd.Function):
         qc, kc, vc, bc, G = ctx.saved_tensors
         per_group, ctx.per_group = ctx.per_group, None
         B, H, Gq, N, K, V, C = ctx.dims
-        do = to_chunk_major(do, C, time_dim=3).view(-1, B * H, Gq * C, V)
-        dS = dS.reshape(B * H, K, V)
+        do = to_chunk_major(do, C, time_dim=3, dtype=qc.dtype).view(-1, B * H, Gq * C, V)
+        dS = dS.reshape(B * H, K, V).to(bc.dtype)
         n = max(1, GROUP_TOKENS // C)
         NC = qc.shape[0]
-        dq, dk, dv = qc.new_empty(B, H, Gq, NC * C, K), qc.new_empty(B, H, NC * C, K), qc.new_empty(B, H, NC * C, V)
-        db = qc.new_empty(B, H, NC * C)
-        dg = None if G is None else qc.new_empty(B, H, NC * C, *G.shape[3:])
+        (tq, tk, tv), new = ctx.dtypes, bc.new_empty
+        dq, dk, dv = new(B, H, Gq, NC * C, K, dtype=tq), new(B, H, NC * C, K, dtype=tk), new(B, H, NC * C, V, dtype=tv)
+        db = new(B, H, NC * C)
+        dg = None if G is None else new(B, H, NC * C, *G.shape[3:])
         dests = [chunk_view(dq, C, time_dim=3), chunk_view(dk, C), chunk_view(dv, C), chunk_view(db, C),
                  None if dg is None else chunk_view(dg, C)]
         for j in reversed(range(len(per_group))):
             sl = slice(j * n, (j + 1) * n)
             *grads, dS = _delta_group_backward(qc[sl], kc[sl], vc[sl], bc[sl], None if G is None else G[sl],
-                                               per_group[j], do[sl], dS, ctx.md)
+                                               per_group[j], do[sl], dS)
             per_group[j] = None
             dqg, dkg, dvg, dbg, dGg = grads
             torch.mul(dqg, ctx.scale, out=dests[0][sl])

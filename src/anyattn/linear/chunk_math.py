@@ -305,16 +305,17 @@ def prepare(q, k, v, scale, g, initial_state, chunk_size, extra=()):
     return (B, H, Gq, N, K, V, C), qc, to_chunks(k, C), to_chunks(v, C), G, S, extra
 
 
-def to_chunk_major(x: torch.Tensor, C: int, time_dim: int = 2, scale: float | None = None) -> torch.Tensor:
+def to_chunk_major(x: torch.Tensor, C: int, time_dim: int = 2, scale: float | None = None,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """`(B, H, ..., N, ...)` (time at `time_dim`) -> contiguous chunk-major `(NC, B * H, ..., C, ...)`, padded
-    with zeros to whole chunks (times `scale` if given): the chunks of a group are then one contiguous
-    slice, and chunk i of a group is `[i]`."""
+    with zeros to whole chunks (times `scale` if given; in `dtype` if given): the chunks of a group are then
+    one contiguous slice, and chunk i of a group is `[i]`."""
     B, H, N = x.shape[0], x.shape[1], x.shape[time_dim]
     NC = -(-N // C)
     if NC * C != N:
         x = F.pad(x, [0, 0] * (x.dim() - 1 - time_dim) + [0, NC * C - N])
     x = x.reshape(B * H, *x.shape[2:time_dim], NC, C, *x.shape[time_dim + 1:]).movedim(time_dim - 1, 0)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
     return out.copy_(x) if scale is None else torch.mul(x, scale, out=out)
 
 

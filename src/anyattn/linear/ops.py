@@ -132,12 +132,20 @@ def _engine_options(in_dtype, x):
     return {"md": _chunk.matmul_dtype(in_dtype, x.device), "autograd": _chunk.use_autograd()}
 
 
+def _low_precision(x) -> bool:
+    """bf16 / fp16 inputs: the chunk engines take q, k, v as they are (matmuls in low precision); gates and
+    states go in fp32."""
+    return x.dtype in (torch.bfloat16, torch.float16) and not _chunk.use_autograd()
+
+
 def _run(q, k, v, *, g=None, beta=None, delta=False, scale=None, initial_state=None,
          output_final_state=False, mode="chunk", chunk_size=64):
     dt = _compute_dtype(q)
     out_dtype = q.dtype
     B, Hq, N, _ = q.shape
-    q, k, v = _query_groups(q.to(dt), k.shape[1]), k.to(dt), v.to(dt)
+    if not (_low_precision(q) and mode == "chunk"):
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    q = _query_groups(q, k.shape[1])
     g = None if g is None else g.to(dt)
     beta = None if beta is None else beta.to(dt)
     S0 = _state0(initial_state, dt)
