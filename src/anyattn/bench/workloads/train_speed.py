@@ -52,10 +52,10 @@ def _bf16_inputs(N, requires_grad):
     out = {}
     for tag, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp64", torch.float64)):
         for name in ("q", "k", "v"):
-            out[f"{name}_{tag}"] = base[name].to(dt).requires_grad_(requires_grad)
+            out[f"{name}_{tag}"] = base[name].to(dt, copy=True).requires_grad_(requires_grad)
         gates = torch.float64 if dt == torch.float64 else torch.float32
         for name in ("g", "beta"):
-            out[f"{name}_{tag}"] = base[name].to(gates).requires_grad_(requires_grad)
+            out[f"{name}_{tag}"] = base[name].to(gates, copy=True).requires_grad_(requires_grad)
     return out
 
 
