@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .chunk_math import (chunk_size_for, chunk_view, decay_factors, decay_matrix, gram_vector, gram_vector_backward,
-                         prepare, solve_unit_lower, to_chunk_major, unchunk, unit_lower_inverse)
+                         prepare, solve_unit_lower, to_chunk_major, tril_mask, unchunk, unit_lower_inverse)
 
 # Tokens per group of chunks: every step of a group (grams, inverse, state passing) works on about this
 # many tokens of every head, so its operands stay in cache.
@@ -49,23 +49,23 @@ def _scaled(x, f, dtype):
     return torch.mul(x, f, out=torch.empty(torch.broadcast_shapes(x.shape, f.shape), dtype=dtype, device=x.device))
 
 
-def _state_passing(S, W, U, kdT, d, md):
+def _state_passing(S, W, U, kdT, d, VS):
     """The loop over the n chunks of a group: Ṽ = U - W S, S <- d ⊙ S + kd^T Ṽ. W `(n, BH, C, K)`,
     U `(n, BH, C, V)`, kdT `(n, BH, K, C)` (in the matmul dtype), d None or `(n, BH, K or 1, 1)`, S `(BH, K, V)`
-    (compute dtype). Returns (Ṽ `(n, BH, C, V)` in the matmul dtype, the entering states, S after the last)."""
-    n = W.shape[0]
+    (compute dtype). Writes [Ṽ; S entering the chunk] into VS `(n, BH, C + K, V)` (matmul dtype) and returns
+    the state after the last chunk."""
+    n, C = W.shape[0], W.shape[2]
     dl = [None] * n if d is None else d.unbind(0)
-    Vn, prev = [], []
     for i in range(n):
-        prev.append(S)
+        VS[i, :, C:] = S
         if W.dtype == S.dtype:
             v_new = torch.baddbmm(U[i], W[i], S, alpha=-1.0)                          # Ṽ = U - W S
             S = torch.baddbmm(S if dl[i] is None else S * dl[i], kdT[i], v_new)
         else:                                                          # low-precision operands, fp32 state
             v_new = (U[i].to(S.dtype) - (W[i] @ S.to(W.dtype)).to(S.dtype)).to(W.dtype)
             S = (kdT[i] @ v_new).to(S.dtype) + (S if dl[i] is None else S * dl[i])
-        Vn.append(v_new)
-    return torch.stack(Vn), torch.stack(prev), S
+        VS[i, :, :C] = v_new
+    return S
 
 
 def _state_passing_backward(dS, dV_in, dS_o, WT, kd, d):
@@ -90,17 +90,22 @@ def _state_passing_backward(dS, dV_in, dS_o, WT, kd, d):
     return torch.stack(dVn), torch.stack(dSn), dS
 
 
-def _grams(Y, k, G, E):
-    """(A_kk strictly lower `(M, C, C)`, A_qk `(M, Gq, C, C)` in k's dtype): decayed grams of the rows
-    Y = [β K, Q] `(M, 1 + Gq, C, K)` against k `(M, C, K)` (both in the matmul dtype; G, E in the compute dtype)."""
+def _grams(Y, k, G, E, AQ):
+    """Decayed grams of the rows Y = [β K, Q] `(M, 1 + Gq, C, K)` against k `(M, C, K)` (both in the matmul
+    dtype; G, E in the compute dtype): returns A_kk (strictly lower `(M, C, C)`) and writes A_qk into
+    `AQ[..., :C]` (AQ `(M, Gq, C, C + K)`, matmul dtype)."""
     M, R, C, K = Y.shape
+    A_qk = AQ[..., :C]
     if G is not None and G.dim() == 3:
         A = gram_vector(Y.transpose(0, 1).to(G.dtype), k.to(G.dtype), G, k.dtype)   # (1 + Gq, M, C, C)
-        return A[0].tril(-1), A[1:].transpose(0, 1).to(k.dtype)
+        A_qk.copy_(A[1:].transpose(0, 1))
+        return A[0].tril(-1)
     A = (Y.view(M, R * C, K) @ k.transpose(1, 2)).view(M, R, C, C)
     if E is None:
-        return A[:, 0].tril(-1), A[:, 1:].tril()
-    return (A[:, 0] * E).tril(-1), _scaled(A[:, 1:], E[:, None], k.dtype)
+        torch.mul(A[:, 1:], tril_mask(C, A.device).to(A.dtype), out=A_qk)
+        return A[:, 0].tril(-1)
+    torch.mul(A[:, 1:], E[:, None], out=A_qk)
+    return (A[:, 0] * E).tril(-1)
 
 
 def _rows(q, k, b, dtype):
@@ -115,8 +120,9 @@ def _rows(q, k, b, dtype):
 def _delta_group(q, k, v, b, G, S):
     """One group of n chunks, chunk-major: q `(n, BH, Gq, C, K)`, k `(n, BH, C, K)`, v `(n, BH, C, V)` in the
     matmul dtype; b `(n, BH, C)`, G None | `(n, BH, C)` | `(n, BH, C, K)` and S `(BH, K, V)` (the state before
-    the group) in the compute dtype. Flattened inside to M = n * BH matrices.
-    Returns (o `(n, BH, Gq * C, V)`, S, saved = (A_qk, T, W, Ṽ, entering states, E))."""
+    the group) in the compute dtype. Flattened inside to M = n * BH matrices. The output is one matmul,
+    O = [A_qk | Q e^Γ] [Ṽ; S] (the two factors are built side by side and kept for the backward).
+    Returns (o `(n, BH, Gq * C, V)`, S, saved = ([A_qk | Q e^Γ], T, W, [Ṽ; S], E))."""
     n, BH, Gq, C, K = q.shape
     V = v.shape[-1]
     M = n * BH
@@ -126,29 +132,32 @@ def _delta_group(q, k, v, b, G, S):
     eG, eL, d = _decays(G)
     E = decay_matrix(G) if G is not None and G.dim() == 2 else None
     Y = _rows(q, k, b, md)
-    A_kk, A_qk = _grams(Y, k, G, E)
+    AQ = torch.empty(M, Gq, C, C + K, dtype=md, device=q.device)                   # [A_qk | Q e^Γ]
+    A_kk = _grams(Y, k, G, E, AQ)
     T = unit_lower_inverse(A_kk.to(S.dtype)).to(md)
     R = torch.empty(M, C, K + V, dtype=md, device=q.device)                        # [β e^Γ K, β V]
     if eG is None:
         R[..., :K] = Y[:, 0]
+        AQ[..., C:] = q
     else:
         torch.mul(Y[:, 0], eG, out=R[..., :K])
+        torch.mul(q, eG[:, None], out=AQ[..., C:])
     torch.mul(v, b[:, :, None], out=R[..., K:])
     X = (T @ R).view(n, BH, C, K + V)                                              # [W, U]
     kd = _scaled(k, eL, md)
-    Vn, prev, S = _state_passing(S, X[..., :K], X[..., K:], kd.view(n, BH, C, K).transpose(-1, -2),
-                                 None if d is None else d.view(n, BH, *d.shape[1:]), md)
-    Vn, prev_m = Vn.view(M, C, V), prev.view(M, K, V).to(md)
-    qd = _scaled(q, None if eG is None else eG[:, None], md)
-    o = torch.baddbmm(A_qk.reshape(M, Gq * C, C) @ Vn, qd.view(M, Gq * C, K), prev_m)
-    return o.view(n, BH, Gq * C, V), S, (A_qk, T, X.view(M, C, K + V)[..., :K], Vn, prev_m, E)
+    VS = torch.empty(n, BH, C + K, V, dtype=md, device=q.device)                   # [Ṽ; S] per chunk
+    S = _state_passing(S, X[..., :K], X[..., K:], kd.view(n, BH, C, K).transpose(-1, -2),
+                       None if d is None else d.view(n, BH, *d.shape[1:]), VS)
+    VS = VS.view(M, C + K, V)
+    o = AQ.view(M, Gq * C, C + K) @ VS
+    return o.view(n, BH, Gq * C, V), S, (AQ, T, X.view(M, C, K + V)[..., :K], VS, E)
 
 
 def _delta_group_backward(q, k, v, b, G, saved, do, dS):
     """Backward of `_delta_group` for do `(n, BH, Gq * C, V)` (matmul dtype) and dS (cotangent of the state
     after the group). Returns (dq, dk, dv, dβ, dΓ or None) chunk-major `(n, BH, ...)` in the compute dtype,
     and the cotangent of the state before the group."""
-    A_qk, T, W, Vn, prev, E = saved
+    AQ, T, W, VS, E = saved
     n, BH, Gq, C, K = q.shape
     V = v.shape[-1]
     M = n * BH
@@ -157,21 +166,19 @@ def _delta_group_backward(q, k, v, b, G, saved, do, dS):
     G = None if G is None else G.reshape(M, *G.shape[2:])
     do = do.reshape(M, Gq * C, V)
     eG, eL, d = _decays(G)
-    qd = _scaled(q, None if eG is None else eG[:, None], md)
     kd = _scaled(k, eL, md)
-    dV_in = A_qk.reshape(M, Gq * C, C).transpose(1, 2) @ do                       # A_qk^T dO
-    dS_o = qd.view(M, Gq * C, K).transpose(1, 2) @ do                             # (Q e^Γ)^T dO
-    dVn, dSn, dS = _state_passing_backward(dS, dV_in.view(n, BH, C, V), dS_o.view(n, BH, K, V),
+    dVS = AQ.view(M, Gq * C, C + K).transpose(1, 2) @ do                          # [A_qk^T dO; (Q e^Γ)^T dO]
+    dVn, dSn, dS = _state_passing_backward(dS, dVS[:, :C].view(n, BH, C, V), dVS[:, C:].view(n, BH, K, V),
                                            W.view(n, BH, C, K).transpose(-1, -2), kd.view(n, BH, C, K),
                                            None if d is None else d.view(n, BH, *d.shape[1:]))
     dVn, dSn = dVn.view(M, C, V), dSn.view(M, K, V)
+    Vn, prev = VS[:, :C], VS[:, C:]
     dr = T.transpose(1, 2) @ dVn.to(md)                                            # (M, C, V)
     Y2 = torch.empty(M, 1 + Gq, C, V, dtype=md, device=q.device)                   # [-dr, dO]
     torch.neg(dr, out=Y2[:, 0])
     Y2[:, 1:] = do.view(M, Gq, C, V)
-    Y2 = Y2.view(M, (1 + Gq) * C, V)
-    Z = (Y2 @ Vn.transpose(1, 2)).view(M, 1 + Gq, C, C)                           # [dA_kk, dA_qk], unmasked
-    P = (Y2 @ prev.transpose(1, 2)).view(M, 1 + Gq, C, K)                         # [d(β e^Γ K), d(Q e^Γ)]
+    ZP = (Y2.view(M, (1 + Gq) * C, V) @ VS.transpose(1, 2)).view(M, 1 + Gq, C, C + K)
+    Z, P = ZP[..., :C], ZP[..., C:]        # [dA_kk, dA_qk] (unmasked), [d(β e^Γ K), d(Q e^Γ)]
     dSn_m = dSn.to(md)
     dkd = Vn @ dSn_m.transpose(1, 2)                                              # d(e^{Γ_C - Γ} K)
     dkg, dqd = P[:, 0], P[:, 1:]
