@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from .chunk_math import (chunk_size_for, chunk_view, decay_factors, decay_matrix, gram_scalar, gram_vector,
-                         gram_vector_backward, prepare, to_chunk_major, unchunk)
+from .chunk_math import (chunk_size_for, chunks, decay_factors, decay_matrix, gram_scalar, gram_vector,
+                         gram_vector_backward, prepare, take, unchunk)
 
 # Tokens per group of chunks (its per-group work is lighter than the delta engine's, so its groups are
 # longer: fewer Python steps).
@@ -155,26 +155,31 @@ def _forward(q, k, v, scale, g, initial_state, chunk_size, md, save):
     V = v.shape[-1]
     C = chunk_size_for(N, chunk_size)
     md = md or q.dtype
-    qc = to_chunk_major(q, C, time_dim=3, scale=scale, dtype=md)                  # (NC, BH, Gq, C, K)
-    kc, vc = to_chunk_major(k, C, dtype=md), to_chunk_major(v, C, dtype=md)
-    G = None if g is None else to_chunk_major(g, C).cumsum(2)
+    qv, kv, vv = chunks(q, C, time_dim=3), chunks(k, C), chunks(v, C)                # (NC, BH, ..., C, .)
+    gv = None if g is None else chunks(g, C)
     if initial_state is not None:
         S = initial_state.reshape(B * H, K, V)
     else:
         S = torch.zeros(B * H, K, V, device=q.device, dtype=g.dtype if g is not None else _compute(q.dtype))
-    NC = qc.shape[0]
+    NC = qv.shape[0]
     n = max(1, DECAY_GROUP_TOKENS // C)
     out = q.new_empty(B, H, Gq, NC * C, V)
-    oc = chunk_view(out, C, time_dim=3)                                            # (NC, BH, Gq, C, V)
+    oc = chunks(out, C, time_dim=3)                                                # (NC, BH, Gq, C, V)
     saved = []
     for i0 in range(0, NC, n):
         sl = slice(i0, i0 + n)
-        o, S, sv = _decay_group(qc[sl], kc[sl], vc[sl], None if G is None else G[sl], S)
+        o, S, sv = _decay_group(*_group_inputs(qv, kv, vv, gv, sl, md, scale), S)
         oc[sl] = o.view(-1, B * H, Gq, C, V)
         if save:
             saved.append(sv)
-    return (out.narrow(3, 0, N), S.reshape(B, H, K, V), ((qc, kc, vc, G), saved) if save else None,
+    return (out.narrow(3, 0, N), S.reshape(B, H, K, V), ((qv, kv, vv, gv), saved) if save else None,
             (B, H, Gq, N, K, V, C))
+
+
+def _group_inputs(qv, kv, vv, gv, sl, md, scale):
+    """The group's operands, contiguous: q (times scale), k, v in the matmul dtype; Γ = the in-chunk cumsum of g."""
+    return (take(qv[sl], md, scale), take(kv[sl], md), take(vv[sl], md),
+            None if gv is None else torch.cumsum(gv[sl], 2).contiguous())
 
 
 def _compute(dtype):
@@ -194,23 +199,24 @@ class _DecayChunk(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dS):
-        qc, kc, vc, G = ctx.saved_tensors
+        qv, kv, vv, gv = ctx.saved_tensors
         per_group, ctx.per_group = ctx.per_group, None
         B, H, Gq, N, K, V, C = ctx.dims
         tq, tk, tv, cd = ctx.dtypes
-        do = to_chunk_major(do, C, time_dim=3, dtype=qc.dtype).view(-1, B * H, Gq * C, V)
+        md = per_group[0][0].dtype
+        dov = chunks(do, C, time_dim=3)
         dS = dS.reshape(B * H, K, V).to(cd)
         n = max(1, DECAY_GROUP_TOKENS // C)
-        NC = qc.shape[0]
-        new = qc.new_empty
+        NC = qv.shape[0]
+        new = qv.new_empty
         dq, dk, dv = new(B, H, Gq, NC * C, K, dtype=tq), new(B, H, NC * C, K, dtype=tk), new(B, H, NC * C, V, dtype=tv)
-        dg = None if G is None else new(B, H, NC * C, *G.shape[3:], dtype=cd)
-        dests = [chunk_view(dq, C, time_dim=3), chunk_view(dk, C), chunk_view(dv, C),
-                 None if dg is None else chunk_view(dg, C)]
+        dg = None if gv is None else new(B, H, NC * C, *gv.shape[3:], dtype=cd)
+        dests = [chunks(dq, C, time_dim=3), chunks(dk, C), chunks(dv, C), None if dg is None else chunks(dg, C)]
         for j in reversed(range(len(per_group))):
             sl = slice(j * n, (j + 1) * n)
-            dqg, dkg, dvg, dGg, dS = _decay_group_backward(qc[sl], kc[sl], vc[sl], None if G is None else G[sl],
-                                                           per_group[j], do[sl], dS)
+            dqg, dkg, dvg, dGg, dS = _decay_group_backward(*_group_inputs(qv, kv, vv, gv, sl, md, ctx.scale),
+                                                           per_group[j], take(dov[sl], md).view(-1, B * H, Gq * C, V),
+                                                           dS)
             per_group[j] = None
             torch.mul(dqg, ctx.scale, out=dests[0][sl])
             dests[1][sl], dests[2][sl] = dkg, dvg

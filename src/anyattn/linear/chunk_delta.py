@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from .chunk_math import (chunk_size_for, chunk_view, decay_factors, decay_matrix, gram_vector, gram_vector_backward,
-                         prepare, solve_unit_lower, to_chunk_major, tril_mask, unchunk, unit_lower_inverse)
+from .chunk_math import (chunk_size_for, chunks, decay_factors, decay_matrix, gram_vector, gram_vector_backward,
+                         prepare, solve_unit_lower, take, tril_mask, unchunk, unit_lower_inverse)
 
 # Tokens per group of chunks: every step of a group (grams, inverse, state passing) works on about this
 # many tokens of every head, so its operands stay in cache.
@@ -105,7 +105,9 @@ def _grams(Y, k, G, E, AQ):
         torch.mul(A[:, 1:], tril_mask(C, A.device).to(A.dtype), out=A_qk)
         return A[:, 0].tril(-1)
     torch.mul(A[:, 1:], E[:, None], out=A_qk)
-    return (A[:, 0] * E).tril(-1)
+    A_kk = A[:, 0] * E                                                  # lower triangle: zero the diagonal
+    A_kk.diagonal(dim1=-2, dim2=-1).zero_()
+    return A_kk
 
 
 def _rows(q, k, b, dtype):
@@ -225,24 +227,29 @@ def _forward(q, k, v, beta, scale, g, initial_state, chunk_size, md, save):
     V = v.shape[-1]
     C = chunk_size_for(N, chunk_size)
     md = md or q.dtype
-    qc = to_chunk_major(q, C, time_dim=3, scale=scale, dtype=md)                  # (NC, BH, Gq, C, K)
-    kc, vc = to_chunk_major(k, C, dtype=md), to_chunk_major(v, C, dtype=md)
-    bc = to_chunk_major(beta, C)
-    G = None if g is None else to_chunk_major(g, C).cumsum(2)
+    qv, kv, vv, bv = chunks(q, C, time_dim=3), chunks(k, C), chunks(v, C), chunks(beta, C)   # (NC, BH, ..., C, .)
+    gv = None if g is None else chunks(g, C)
     S = beta.new_zeros(B * H, K, V) if initial_state is None else initial_state.reshape(B * H, K, V)
-    NC = qc.shape[0]
+    NC = qv.shape[0]
     n = max(1, GROUP_TOKENS // C)
     out = q.new_empty(B, H, Gq, NC * C, V)
-    oc = chunk_view(out, C, time_dim=3)                                            # (NC, BH, Gq, C, V)
+    oc = chunks(out, C, time_dim=3)                                                # (NC, BH, Gq, C, V)
     saved = []
     for i0 in range(0, NC, n):
         sl = slice(i0, i0 + n)
-        o, S, sv = _delta_group(qc[sl], kc[sl], vc[sl], bc[sl], None if G is None else G[sl], S)
+        o, S, sv = _delta_group(*_group_inputs(qv, kv, vv, bv, gv, sl, md, scale), S)
         oc[sl] = o.view(-1, B * H, Gq, C, V)
         if save:
             saved.append(sv)
-    return (out.narrow(3, 0, N), S.reshape(B, H, K, V), ((qc, kc, vc, bc, G), saved) if save else None,
+    return (out.narrow(3, 0, N), S.reshape(B, H, K, V), ((qv, kv, vv, bv, gv), saved) if save else None,
             (B, H, Gq, N, K, V, C))
+
+
+def _group_inputs(qv, kv, vv, bv, gv, sl, md, scale):
+    """The group's operands, contiguous: q (times scale), k, v in the matmul dtype; beta, Γ = the in-chunk
+    cumsum of g."""
+    return (take(qv[sl], md, scale), take(kv[sl], md), take(vv[sl], md), take(bv[sl]),
+            None if gv is None else torch.cumsum(gv[sl], 2).contiguous())
 
 
 class _DeltaChunk(torch.autograd.Function):
@@ -258,23 +265,24 @@ class _DeltaChunk(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dS):
-        qc, kc, vc, bc, G = ctx.saved_tensors
+        qv, kv, vv, bv, gv = ctx.saved_tensors
         per_group, ctx.per_group = ctx.per_group, None
         B, H, Gq, N, K, V, C = ctx.dims
-        do = to_chunk_major(do, C, time_dim=3, dtype=qc.dtype).view(-1, B * H, Gq * C, V)
-        dS = dS.reshape(B * H, K, V).to(bc.dtype)
+        md = per_group[0][0].dtype
+        dov = chunks(do, C, time_dim=3)
+        dS = dS.reshape(B * H, K, V).to(bv.dtype)
         n = max(1, GROUP_TOKENS // C)
-        NC = qc.shape[0]
-        (tq, tk, tv), new = ctx.dtypes, bc.new_empty
+        NC = qv.shape[0]
+        (tq, tk, tv), new = ctx.dtypes, bv.new_empty
         dq, dk, dv = new(B, H, Gq, NC * C, K, dtype=tq), new(B, H, NC * C, K, dtype=tk), new(B, H, NC * C, V, dtype=tv)
         db = new(B, H, NC * C)
-        dg = None if G is None else new(B, H, NC * C, *G.shape[3:])
-        dests = [chunk_view(dq, C, time_dim=3), chunk_view(dk, C), chunk_view(dv, C), chunk_view(db, C),
-                 None if dg is None else chunk_view(dg, C)]
+        dg = None if gv is None else new(B, H, NC * C, *gv.shape[3:])
+        dests = [chunks(dq, C, time_dim=3), chunks(dk, C), chunks(dv, C), chunks(db, C),
+                 None if dg is None else chunks(dg, C)]
         for j in reversed(range(len(per_group))):
             sl = slice(j * n, (j + 1) * n)
-            *grads, dS = _delta_group_backward(qc[sl], kc[sl], vc[sl], bc[sl], None if G is None else G[sl],
-                                               per_group[j], do[sl], dS)
+            *grads, dS = _delta_group_backward(*_group_inputs(qv, kv, vv, bv, gv, sl, md, ctx.scale), per_group[j],
+                                               take(dov[sl], md).view(-1, B * H, Gq * C, V), dS)
             per_group[j] = None
             dqg, dkg, dvg, dbg, dGg = grads
             torch.mul(dqg, ctx.scale, out=dests[0][sl])

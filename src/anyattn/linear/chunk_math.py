@@ -305,32 +305,22 @@ def prepare(q, k, v, scale, g, initial_state, chunk_size, extra=()):
     return (B, H, Gq, N, K, V, C), qc, to_chunks(k, C), to_chunks(v, C), G, S, extra
 
 
-def to_chunk_major(x: torch.Tensor, C: int, time_dim: int = 2, scale: float | None = None,
-                   dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`(B, H, ..., N, ...)` (time at `time_dim`) -> contiguous chunk-major `(NC, B * H, ..., C, ...)`, padded
-    with zeros to whole chunks (times `scale` if given; in `dtype` if given): the chunks of a group are then
-    one contiguous slice, and chunk i of a group is `[i]`."""
-    B, H, N = x.shape[0], x.shape[1], x.shape[time_dim]
-    NC = -(-N // C)
-    if NC * C != N:
-        x = F.pad(x, [0, 0] * (x.dim() - 1 - time_dim) + [0, NC * C - N])
-    x = x.reshape(B * H, *x.shape[2:time_dim], NC, C, *x.shape[time_dim + 1:]).movedim(time_dim - 1, 0)
+def chunks(x: torch.Tensor, C: int, time_dim: int = 2) -> torch.Tensor:
+    """Chunk-major view `(NC, B * H, ..., C, ...)` of `(B, H, ..., N, ...)` (time at `time_dim`), zero-padded to
+    whole chunks (a copy only when N % C != 0): the chunks of a group are then one slice `[i0:i1]` and the
+    engines copy each group's operands once, while they are hot (`take`). Outputs allocated with NC * C
+    positions are written through the same view."""
+    pad = (-x.shape[time_dim]) % C
+    if pad:
+        x = F.pad(x, [0, 0] * (x.dim() - 1 - time_dim) + [0, pad])
+    B, H = x.shape[:2]
+    return x.reshape(B * H, *x.shape[2:time_dim], -1, C, *x.shape[time_dim + 1:]).movedim(time_dim - 1, 0)
+
+
+def take(x: torch.Tensor, dtype: torch.dtype | None = None, scale: float | None = None) -> torch.Tensor:
+    """A contiguous copy of a group slice of `chunks(...)` (in `dtype`, times `scale`)."""
     out = torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
     return out.copy_(x) if scale is None else torch.mul(x, scale, out=out)
-
-
-def chunk_view(x: torch.Tensor, C: int, time_dim: int = 2) -> torch.Tensor:
-    """Chunk-major view `(NC, B * H, ..., C, ...)` of a contiguous `(B, H, ..., NC * C, ...)` tensor (for writing
-    a group's results straight into their place)."""
-    B, H, L = x.shape[0], x.shape[1], x.shape[time_dim]
-    return x.view(B * H, *x.shape[2:time_dim], L // C, C, *x.shape[time_dim + 1:]).movedim(time_dim - 1, 0)
-
-
-def from_chunk_major(x: torch.Tensor, B: int, N: int, time_dim: int = 2) -> torch.Tensor:
-    """Inverse of `to_chunk_major`: `(NC, B * H, ..., C, ...)` -> `(B, H, ..., N, ...)`."""
-    x = x.movedim(0, time_dim - 1)
-    x = x.reshape(B, x.shape[0] // B, *x.shape[1:time_dim - 1], -1, *x.shape[time_dim + 1:])
-    return x.narrow(time_dim, 0, N)
 
 
 def unchunk(o, B, H, Gq, C, N):
