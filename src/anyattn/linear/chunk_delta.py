@@ -119,7 +119,7 @@ def _rows(q, k, b, dtype):
     return Y
 
 
-def _delta_group(q, k, v, b, G, S):
+def _delta_group(q, k, v, b, G, S, save=True):
     """One group of n chunks, chunk-major: q `(n, BH, Gq, C, K)`, k `(n, BH, C, K)`, v `(n, BH, C, V)` in the
     matmul dtype; b `(n, BH, C)`, G None | `(n, BH, C)` | `(n, BH, C, K)` and S `(BH, K, V)` (the state before
     the group) in the compute dtype. Flattened inside to M = n * BH matrices. The output is one matmul,
@@ -135,8 +135,7 @@ def _delta_group(q, k, v, b, G, S):
     E = decay_matrix(G) if G is not None and G.dim() == 2 else None
     Y = _rows(q, k, b, md)
     AQ = torch.empty(M, Gq, C, C + K, dtype=md, device=q.device)                   # [A_qk | Q e^Γ]
-    A_kk = _grams(Y, k, G, E, AQ)
-    T = unit_lower_inverse(A_kk.to(S.dtype)).to(md)
+    A_kk = _grams(Y, k, G, E, AQ).to(S.dtype)
     R = torch.empty(M, C, K + V, dtype=md, device=q.device)                        # [β e^Γ K, β V]
     if eG is None:
         R[..., :K] = Y[:, 0]
@@ -145,7 +144,11 @@ def _delta_group(q, k, v, b, G, S):
         torch.mul(Y[:, 0], eG, out=R[..., :K])
         torch.mul(q, eG[:, None], out=AQ[..., C:])
     torch.mul(v, b[:, :, None], out=R[..., K:])
-    X = (T @ R).view(n, BH, C, K + V)                                              # [W, U]
+    if save or md != S.dtype:           # explicit T: the backward's transposed solve is then one matmul
+        T = unit_lower_inverse(A_kk).to(md)
+        X = (T @ R).view(n, BH, C, K + V)                                          # [W, U]
+    else:                               # inference: block forward substitution is cheaper than forming T
+        T, X = None, solve_unit_lower(A_kk, R).view(n, BH, C, K + V)
     kd = _scaled(k, eL, md)
     VS = torch.empty(n, BH, C + K, V, dtype=md, device=q.device)                   # [Ṽ; S] per chunk
     S = _state_passing(S, X[..., :K], X[..., K:], kd.view(n, BH, C, K).transpose(-1, -2),
@@ -237,7 +240,7 @@ def _forward(q, k, v, beta, scale, g, initial_state, chunk_size, md, save):
     saved = []
     for i0 in range(0, NC, n):
         sl = slice(i0, i0 + n)
-        o, S, sv = _delta_group(*_group_inputs(qv, kv, vv, bv, gv, sl, md, scale), S)
+        o, S, sv = _delta_group(*_group_inputs(qv, kv, vv, bv, gv, sl, md, scale), S, save)
         oc[sl] = o.view(-1, B * H, Gq, C, V)
         if save:
             saved.append(sv)
