@@ -124,7 +124,7 @@ def _delta_group(q, k, v, b, G, S, save=True):
     matmul dtype; b `(n, BH, C)`, G None | `(n, BH, C)` | `(n, BH, C, K)` and S `(BH, K, V)` (the state before
     the group) in the compute dtype. Flattened inside to M = n * BH matrices. The output is one matmul,
     O = [A_qk | Q e^Γ] [Ṽ; S] (the two factors are built side by side and kept for the backward).
-    Returns (o `(n, BH, Gq * C, V)`, S, saved = ([A_qk | Q e^Γ], T, W, [Ṽ; S], E))."""
+    Returns (o `(n, BH, Gq * C, V)`, S, saved = ([A_qk | Q e^Γ], T, W, [Ṽ; S], E, [β K; Q], e^{Γ_C - Γ} K)).."""
     n, BH, Gq, C, K = q.shape
     V = v.shape[-1]
     M = n * BH
@@ -155,23 +155,23 @@ def _delta_group(q, k, v, b, G, S, save=True):
                        None if d is None else d.view(n, BH, *d.shape[1:]), VS)
     VS = VS.view(M, C + K, V)
     o = AQ.view(M, Gq * C, C + K) @ VS
-    return o.view(n, BH, Gq * C, V), S, (AQ, T, X.view(M, C, K + V)[..., :K], VS, E)
+    return o.view(n, BH, Gq * C, V), S, (AQ, T, X.view(M, C, K + V)[..., :K], VS, E, Y, kd)
 
 
-def _delta_group_backward(q, k, v, b, G, saved, do, dS):
+def _delta_group_backward(k, v, b, G, saved, do, dS):
     """Backward of `_delta_group` for do `(n, BH, Gq * C, V)` (matmul dtype) and dS (cotangent of the state
     after the group). Returns (dq, dk, dv, dβ, dΓ or None) chunk-major `(n, BH, ...)` in the compute dtype,
     and the cotangent of the state before the group."""
-    AQ, T, W, VS, E = saved
-    n, BH, Gq, C, K = q.shape
+    AQ, T, W, VS, E, Y, kd = saved
+    n, BH, C, K = k.shape
     V = v.shape[-1]
     M = n * BH
-    md, cd = q.dtype, dS.dtype
-    q, k, v, b = q.reshape(M, Gq, C, K), k.reshape(M, C, K), v.reshape(M, C, V), b.reshape(M, C)
+    Gq = Y.shape[1] - 1
+    md, cd = k.dtype, dS.dtype
+    q, k, v, b = Y[:, 1:], k.reshape(M, C, K), v.reshape(M, C, V), b.reshape(M, C)
     G = None if G is None else G.reshape(M, *G.shape[2:])
     do = do.reshape(M, Gq * C, V)
     eG, eL, d = _decays(G)
-    kd = _scaled(k, eL, md)
     dVS = AQ.view(M, Gq * C, C + K).transpose(1, 2) @ do                          # [A_qk^T dO; (Q e^Γ)^T dO]
     dVn, dSn, dS = _state_passing_backward(dS, dVS[:, :C].view(n, BH, C, V), dVS[:, C:].view(n, BH, K, V),
                                            W.view(n, BH, C, K).transpose(-1, -2), kd.view(n, BH, C, K),
@@ -187,7 +187,6 @@ def _delta_group_backward(q, k, v, b, G, saved, do, dS):
     dSn_m = dSn.to(md)
     dkd = Vn @ dSn_m.transpose(1, 2)                                              # d(e^{Γ_C - Γ} K)
     dkg, dqd = P[:, 0], P[:, 1:]
-    Y = _rows(q, k, b, md)
     if G is not None and G.dim() == 3:
         Z = Z.tril()
         Z[:, 0].diagonal(dim1=-2, dim2=-1).zero_()
@@ -249,9 +248,9 @@ def _forward(q, k, v, beta, scale, g, initial_state, chunk_size, md, save):
 
 
 def _group_inputs(qv, kv, vv, bv, gv, sl, md, scale):
-    """The group's operands, contiguous: q (times scale), k, v in the matmul dtype; beta, Γ = the in-chunk
-    cumsum of g."""
-    return (take(qv[sl], md, scale), take(kv[sl], md), take(vv[sl], md), take(bv[sl]),
+    """The group's operands, contiguous: q (times scale; None if qv is), k, v in the matmul dtype; beta,
+    Γ = the in-chunk cumsum of g."""
+    return (None if qv is None else take(qv[sl], md, scale), take(kv[sl], md), take(vv[sl], md), take(bv[sl]),
             None if gv is None else torch.cumsum(gv[sl], 2).contiguous())
 
 
@@ -284,8 +283,8 @@ class _DeltaChunk(torch.autograd.Function):
                  None if dg is None else chunks(dg, C)]
         for j in reversed(range(len(per_group))):
             sl = slice(j * n, (j + 1) * n)
-            *grads, dS = _delta_group_backward(*_group_inputs(qv, kv, vv, bv, gv, sl, md, ctx.scale), per_group[j],
-                                               take(dov[sl], md).view(-1, B * H, Gq * C, V), dS)
+            *grads, dS = _delta_group_backward(*_group_inputs(None, kv, vv, bv, gv, sl, md, ctx.scale)[1:],
+                                               per_group[j], take(dov[sl], md).view(-1, B * H, Gq * C, V), dS)
             per_group[j] = None
             dqg, dkg, dvg, dbg, dGg = grads
             torch.mul(dqg, ctx.scale, out=dests[0][sl])
