@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from .chunk_math import (chunk_size_for, chunks, decay_factors, decay_matrix, gram_scalar, gram_vector,
-                         gram_vector_backward, prepare, take, unchunk)
+from .chunk_math import (chunk_size_for, chunks, decay_factors, decay_matrix, decays, forward_groups, gram_scalar,
+                         gram_vector, gram_vector_backward, prepare, scaled, take, unchunk)
 
 # Tokens per group of chunks (its per-group work is lighter than the delta engine's, so its groups are
 # longer: fewer Python steps).
@@ -58,34 +58,21 @@ def _state_scan_backward(dS, d, dS_o):
     return torch.stack(afters), dS
 
 
-def _decays(G):
-    """(e^Γ, e^{Γ_C - Γ}, e^{Γ_C}) shaped to multiply `(M, C, K)` rows and the state `(M, K or 1, 1)`
-    (G `(M, C)` scalar or `(M, C, K)` per channel); all None without decay."""
-    if G is None:
-        return None, None, None
-    if G.dim() == 2:
-        return torch.exp(G)[..., None], torch.exp(G[:, -1:] - G)[..., None], torch.exp(G[:, -1:])[..., None]
-    return torch.exp(G), torch.exp(G[:, -1:, :] - G), torch.exp(G[:, -1:, :]).transpose(1, 2)
-
-
-def _scaled(x, f, dtype):
-    """x ⊙ f (f None: x) in `dtype` (one pass)."""
-    if f is None:
-        return x.to(dtype)
-    return torch.mul(x, f, out=torch.empty(torch.broadcast_shapes(x.shape, f.shape), dtype=dtype, device=x.device))
+def _flat_group(q, k, v, G):
+    """A group's chunk-major operands flattened to M = n * BH matrices, with the sizes (n, BH, Gq, C, K, V, M)."""
+    n, BH, Gq, C, K = q.shape
+    V, M = v.shape[-1], n * BH
+    G = None if G is None else G.reshape(M, *G.shape[2:])
+    return (n, BH, Gq, C, K, V, M), q.reshape(M, Gq, C, K), k.reshape(M, C, K), v.reshape(M, C, V), G
 
 
 def _decay_group(q, k, v, G, S):
     """One group of n chunks, chunk-major: q `(n, BH, Gq, C, K)`, k `(n, BH, C, K)`, v `(n, BH, C, V)` in the
     matmul dtype; G None | `(n, BH, C)` | `(n, BH, C, K)` and S `(BH, K, V)` in the compute dtype.
     Returns (o `(n, BH, Gq * C, V)`, S, saved = (A, entering states, decay matrix or None))."""
-    n, BH, Gq, C, K = q.shape
-    V = v.shape[-1]
-    M = n * BH
+    (n, BH, Gq, C, K, V, M), q, k, v, G = _flat_group(q, k, v, G)
     md, cd = q.dtype, S.dtype
-    q, k, v = q.reshape(M, Gq, C, K), k.reshape(M, C, K), v.reshape(M, C, V)
-    G = None if G is None else G.reshape(M, *G.shape[2:])
-    eG, eL, d = _decays(G)
+    eG, eL, d = decays(G)
     E = None
     if G is not None and G.dim() == 3:
         A = gram_vector(q.to(cd), k[:, None].to(cd), G[:, None], md).to(md)      # (M, Gq, C, C)
@@ -95,12 +82,12 @@ def _decay_group(q, k, v, G, S):
             A = A.tril()
         else:
             E = decay_matrix(G)
-            A = _scaled(A, E[:, None], md)
-    kd = _scaled(k, eL, md)
+            A = scaled(A, E[:, None], md)
+    kd = scaled(k, eL, md)
     prev, S = _state_scan(S, None if d is None else d.view(n, BH, *d.shape[1:]),
                           (kd.transpose(1, 2) @ v).to(cd).view(n, BH, K, V))
     prev = prev.view(M, K, V).to(md)
-    qd = _scaled(q, None if eG is None else eG[:, None], md)
+    qd = scaled(q, None if eG is None else eG[:, None], md)
     o = torch.baddbmm(A.view(M, Gq * C, C) @ v, qd.view(M, Gq * C, K), prev)
     return o.view(n, BH, Gq * C, V), S, (A, prev, E)
 
@@ -110,16 +97,12 @@ def _decay_group_backward(q, k, v, G, saved, do, dS):
     after the group). Returns (dq, dk, dv, dΓ or None) chunk-major `(n, BH, ...)` in the compute dtype, and the
     cotangent of the state before."""
     A, prev, E = saved
-    n, BH, Gq, C, K = q.shape
-    V = v.shape[-1]
-    M = n * BH
+    (n, BH, Gq, C, K, V, M), q, k, v, G = _flat_group(q, k, v, G)
     md, cd = q.dtype, dS.dtype
-    q, k, v = q.reshape(M, Gq, C, K), k.reshape(M, C, K), v.reshape(M, C, V)
-    G = None if G is None else G.reshape(M, *G.shape[2:])
     do = do.reshape(M, Gq * C, V)
-    eG, eL, d = _decays(G)
-    qd = _scaled(q, None if eG is None else eG[:, None], md)
-    kd = _scaled(k, eL, md)
+    eG, eL, d = decays(G)
+    qd = scaled(q, None if eG is None else eG[:, None], md)
+    kd = scaled(k, eL, md)
     dS_o = (qd.view(M, Gq * C, K).transpose(1, 2) @ do).to(cd).view(n, BH, K, V)
     dSn, dS = _state_scan_backward(dS, None if d is None else d.view(n, BH, *d.shape[1:]), dS_o)
     dSn = dSn.view(M, K, V)
@@ -136,7 +119,7 @@ def _decay_group_backward(q, k, v, G, saved, do, dS):
         dG = (q * dq).sum(1) - k * dk
         dG[:, -1, :] += (kd * dkd).sum(-2, dtype=cd) + d[..., 0] * (prev * dSn).sum(-1)
         return shape(dq), shape(dk), shape(dv), shape(dG), dS
-    dA = dA.tril() if E is None else _scaled(dA, E[:, None], md)
+    dA = dA.tril() if E is None else scaled(dA, E[:, None], md)
     dq = (dA.view(M, Gq * C, C) @ k).view(M, Gq, C, K)
     dk = dA.view(M, Gq * C, C).transpose(1, 2) @ q.reshape(M, Gq * C, K)
     if G is None:
@@ -161,17 +144,9 @@ def _forward(q, k, v, scale, g, initial_state, chunk_size, md, save):
         S = initial_state.reshape(B * H, K, V)
     else:
         S = torch.zeros(B * H, K, V, device=q.device, dtype=g.dtype if g is not None else _compute(q.dtype))
-    NC = qv.shape[0]
-    n = max(1, DECAY_GROUP_TOKENS // C)
-    out = q.new_empty(B, H, Gq, NC * C, V)
-    oc = chunks(out, C, time_dim=3)                                                # (NC, BH, Gq, C, V)
-    saved = []
-    for i0 in range(0, NC, n):
-        sl = slice(i0, i0 + n)
-        o, S, sv = _decay_group(*_group_inputs(qv, kv, vv, gv, sl, md, scale), S)
-        oc[sl] = o.view(-1, B * H, Gq, C, V)
-        if save:
-            saved.append(sv)
+    out = q.new_empty(B, H, Gq, qv.shape[0] * C, V)
+    S, saved = forward_groups(lambda sl, S: _decay_group(*_group_inputs(qv, kv, vv, gv, sl, md, scale), S),
+                              out, C, max(1, DECAY_GROUP_TOKENS // C), S, save)
     return (out.narrow(3, 0, N), S.reshape(B, H, K, V), ((qv, kv, vv, gv), saved) if save else None,
             (B, H, Gq, N, K, V, C))
 
@@ -277,8 +252,9 @@ def chunk_decay_attention(q, k, v, scale: float, g=None, initial_state=None, chu
                           md=None, autograd: bool = False):
     """Causal linear attention with optional decay. q `(B, H, Gq, N, K)` (Gq query heads per key
     head), k `(B, H, N, K)`, v `(B, H, N, V)`, g None | `(B, H, N)` (scalar log-decay) |
-    `(B, H, N, K)` (per channel), initial_state `(B, H, K, V)` or None; all in the compute dtype.
-    md: dtype of the matmul operands (`chunk_math.matmul_dtype`; None: the inputs').
+    `(B, H, N, K)` (per channel), initial_state `(B, H, K, V)` or None. g and the state are in the compute dtype
+    (fp32 / fp64); q, k, v in any float dtype: md is the dtype of the matmul operands
+    (`chunk_math.matmul_dtype`; None: q's), the output comes back in q's dtype.
     Returns `(o (B, H, Gq, N, V), S_N (B, H, K, V))`, differentiable in every tensor input by the
     hand-written backward; `autograd=True` runs the previous engine differentiated by autograd instead (the
     gradient oracle of the tests and the timing baseline; md ignored)."""

@@ -24,29 +24,13 @@ from __future__ import annotations
 
 import torch
 
-from .chunk_math import (chunk_size_for, chunks, decay_factors, decay_matrix, gram_vector, gram_vector_backward,
-                         prepare, solve_unit_lower, take, tril_mask, unchunk, unit_lower_inverse)
+from .chunk_math import (chunk_size_for, chunks, decay_factors, decay_matrix, decays, forward_groups, gram_vector,
+                         gram_vector_backward, prepare, scaled, solve_unit_lower, take, tril_mask, unchunk,
+                         unit_lower_inverse)
 
 # Tokens per group of chunks: every step of a group (grams, inverse, state passing) works on about this
 # many tokens of every head, so its operands stay in cache.
 GROUP_TOKENS = 256
-
-
-def _decays(G):
-    """(e^Γ, e^{Γ_C - Γ}, e^{Γ_C}) shaped to multiply `(M, C, K)` rows and the state `(M, K or 1, 1)`
-    (G `(M, C)` scalar or `(M, C, K)` per channel); all None without decay."""
-    if G is None:
-        return None, None, None
-    if G.dim() == 2:
-        return torch.exp(G)[..., None], torch.exp(G[:, -1:] - G)[..., None], torch.exp(G[:, -1:])[..., None]
-    return torch.exp(G), torch.exp(G[:, -1:, :] - G), torch.exp(G[:, -1:, :]).transpose(1, 2)
-
-
-def _scaled(x, f, dtype):
-    """x ⊙ f (f None: x) in `dtype` (one pass)."""
-    if f is None:
-        return x.to(dtype)
-    return torch.mul(x, f, out=torch.empty(torch.broadcast_shapes(x.shape, f.shape), dtype=dtype, device=x.device))
 
 
 def _state_passing(S, W, U, kdT, d, VS):
@@ -131,7 +115,7 @@ def _delta_group(q, k, v, b, G, S, save=True):
     md = q.dtype
     q, k, v, b = q.reshape(M, Gq, C, K), k.reshape(M, C, K), v.reshape(M, C, V), b.reshape(M, C)
     G = None if G is None else G.reshape(M, *G.shape[2:])
-    eG, eL, d = _decays(G)
+    eG, eL, d = decays(G)
     E = decay_matrix(G) if G is not None and G.dim() == 2 else None
     Y = _rows(q, k, b, md)
     AQ = torch.empty(M, Gq, C, C + K, dtype=md, device=q.device)                   # [A_qk | Q e^Γ]
@@ -149,7 +133,7 @@ def _delta_group(q, k, v, b, G, S, save=True):
         X = (T @ R).view(n, BH, C, K + V)                                          # [W, U]
     else:                               # inference: block forward substitution is cheaper than forming T
         T, X = None, solve_unit_lower(A_kk, R).view(n, BH, C, K + V)
-    kd = _scaled(k, eL, md)
+    kd = scaled(k, eL, md)
     VS = torch.empty(n, BH, C + K, V, dtype=md, device=q.device)                   # [Ṽ; S] per chunk
     S = _state_passing(S, X[..., :K], X[..., K:], kd.view(n, BH, C, K).transpose(-1, -2),
                        None if d is None else d.view(n, BH, *d.shape[1:]), VS)
@@ -171,7 +155,7 @@ def _delta_group_backward(k, v, b, G, saved, do, dS):
     q, k, v, b = Y[:, 1:], k.reshape(M, C, K), v.reshape(M, C, V), b.reshape(M, C)
     G = None if G is None else G.reshape(M, *G.shape[2:])
     do = do.reshape(M, Gq * C, V)
-    eG, eL, d = _decays(G)
+    eG, eL, d = decays(G)
     dVS = AQ.view(M, Gq * C, C + K).transpose(1, 2) @ do                          # [A_qk^T dO; (Q e^Γ)^T dO]
     dVn, dSn, dS = _state_passing_backward(dS, dVS[:, :C].view(n, BH, C, V), dVS[:, C:].view(n, BH, K, V),
                                            W.view(n, BH, C, K).transpose(-1, -2), kd.view(n, BH, C, K),
@@ -193,7 +177,7 @@ def _delta_group_backward(k, v, b, G, saved, do, dS):
         rows, dk_col = gram_vector_backward(Y.transpose(0, 1).to(cd), k.to(cd), G, Z.transpose(0, 1).to(cd), md)
         d_kb, dq = rows[0], rows[1:].transpose(0, 1)
     else:
-        Z = Z.tril() if E is None else _scaled(Z, E[:, None], md)
+        Z = Z.tril() if E is None else scaled(Z, E[:, None], md)
         Z[:, 0].diagonal(dim1=-2, dim2=-1).zero_()
         Z = Z.view(M, (1 + Gq) * C, C)
         rows = (Z @ k).view(M, 1 + Gq, C, K)
@@ -232,17 +216,9 @@ def _forward(q, k, v, beta, scale, g, initial_state, chunk_size, md, save):
     qv, kv, vv, bv = chunks(q, C, time_dim=3), chunks(k, C), chunks(v, C), chunks(beta, C)   # (NC, BH, ..., C, .)
     gv = None if g is None else chunks(g, C)
     S = beta.new_zeros(B * H, K, V) if initial_state is None else initial_state.reshape(B * H, K, V)
-    NC = qv.shape[0]
-    n = max(1, GROUP_TOKENS // C)
-    out = q.new_empty(B, H, Gq, NC * C, V)
-    oc = chunks(out, C, time_dim=3)                                                # (NC, BH, Gq, C, V)
-    saved = []
-    for i0 in range(0, NC, n):
-        sl = slice(i0, i0 + n)
-        o, S, sv = _delta_group(*_group_inputs(qv, kv, vv, bv, gv, sl, md, scale), S, save)
-        oc[sl] = o.view(-1, B * H, Gq, C, V)
-        if save:
-            saved.append(sv)
+    out = q.new_empty(B, H, Gq, qv.shape[0] * C, V)
+    S, saved = forward_groups(lambda sl, S: _delta_group(*_group_inputs(qv, kv, vv, bv, gv, sl, md, scale), S, save),
+                              out, C, max(1, GROUP_TOKENS // C), S, save)
     return (out.narrow(3, 0, N), S.reshape(B, H, K, V), ((qv, kv, vv, bv, gv), saved) if save else None,
             (B, H, Gq, N, K, V, C))
 
@@ -366,8 +342,9 @@ def chunk_delta(q, k, v, beta, scale: float, g=None, initial_state=None, chunk_s
                 md=None, autograd: bool = False):
     """Delta-rule family. q `(B, H, Gq, N, K)` (Gq query heads per key head), k `(B, H, N, K)`,
     v `(B, H, N, V)`, beta `(B, H, N)`, g None (DeltaNet) | `(B, H, N)` (Gated DeltaNet) |
-    `(B, H, N, K)` (KDA), initial_state `(B, H, K, V)` or None; all in the compute dtype. md: dtype of the
-    matmul operands (`chunk_math.matmul_dtype`; None: the inputs'). Returns `(o (B, H, Gq, N, V), S_N)`,
+    `(B, H, N, K)` (KDA), initial_state `(B, H, K, V)` or None. beta, g and the state are in the compute dtype
+    (fp32 / fp64); q, k, v in any float dtype: md is the dtype of the matmul operands
+    (`chunk_math.matmul_dtype`; None: q's), the output comes back in q's dtype. Returns `(o (B, H, Gq, N, V), S_N)`,
     differentiable in every tensor input by the hand-written backward; `autograd=True` runs the previous
     engine (block forward substitution) differentiated by autograd instead: the gradient oracle of the
     tests and the timing baseline (md ignored)."""

@@ -5,7 +5,9 @@ matmul precision.
 Decayed gram, per chunk:  `A[r, c] = sum_d a[r, d] b[c, d] exp(Γ[r, d] - Γ[c, d])` (c <= r), Γ the in-chunk
 cumulative log-decay (scalar per position, or per key channel). Its gradient in Γ needs no pass of its
 own: for `M(a, b, Γ)`, `dΓ = a ⊙ da - b ⊙ db` (row and column factor gradients), so the engines'
-backward passes collect `dΓ` from the gradients of the decayed factors and reverse-cumsum it into `dg`.
+backward passes collect `dΓ` from the gradients of the decayed factors and reverse-cumsum it (in-chunk)
+into `dg`. `prepare`, `unchunk`, `decay_factors`, `gram_scalar` and `solve_unit_lower` serve the autograd
+path (the previous engines, kept as the gradient oracle).
 
 Numerical care for per-channel decay: exp is only ever taken of non-positive numbers. `gram_vector` is
 hierarchical: the chunk is split into 4 sub-blocks; a pair of sub-blocks (i > j) uses the reference
@@ -13,9 +15,9 @@ hierarchical: the chunk is split into 4 sub-blocks; a pair of sub-blocks (i > j)
 <= 1; diagonal sub-blocks recurse, down to blocks of <= 4 tokens where `exp(Γ_r - Γ_c)` is formed per
 element for c <= r only. So decays of any strength give no inf / NaN, forward or backward.
 
-Precision: inputs arrive in the compute dtype (fp32, or fp64); `md` is the dtype of the matmul operands
-(`matmul_dtype`: bf16 for bf16 / fp16 inputs on CPU). Products come back in `md` and are accumulated in
-the compute dtype; exps, cumsums and states never leave it.
+Precision: `md` is the dtype of the matmul operands (`matmul_dtype`: bf16 for bf16 / fp16 inputs on CPU);
+the engines cast q, k, v to it group by group (`take`). Products come back in `md` and are accumulated in
+the compute dtype (fp32, or fp64) of the gates and the state; exps, cumsums and states never leave it.
 """
 from __future__ import annotations
 
@@ -70,12 +72,6 @@ def to_chunks(x: torch.Tensor, C: int) -> torch.Tensor:
 def chunk_log_decay(g: torch.Tensor, C: int) -> torch.Tensor:
     """In-chunk cumulative log-decay Γ: `(B, H, N[, D])` -> `(B, H, N / C, C[, D])`."""
     return to_chunks(g, C).cumsum(3)
-
-
-def chunk_log_decay_backward(dG: torch.Tensor) -> torch.Tensor:
-    """Adjoint of `chunk_log_decay`: the in-chunk reverse cumsum `(B, H, NC, C[, D])` -> `(B, H, NC * C[, D])`."""
-    dg = dG.flip(3).cumsum(3).flip(3)
-    return dg.reshape(dg.shape[0], dg.shape[1], -1, *dg.shape[4:])
 
 
 def chunk_size_for(N: int, chunk_size: int) -> int:
@@ -290,6 +286,23 @@ def decay_factors(G, qc, kc):
     return qc * torch.exp(G)[..., None, :, :], kc * torch.exp(g_last - G), torch.exp(g_last).transpose(-1, -2)
 
 
+def decays(G):
+    """(e^Γ, e^{Γ_C - Γ}, e^{Γ_C}) shaped to multiply `(M, C, K)` rows and the state `(M, K or 1, 1)`
+    (G `(M, C)` scalar or `(M, C, K)` per channel); all None without decay."""
+    if G is None:
+        return None, None, None
+    if G.dim() == 2:
+        return torch.exp(G)[..., None], torch.exp(G[:, -1:] - G)[..., None], torch.exp(G[:, -1:])[..., None]
+    return torch.exp(G), torch.exp(G[:, -1:, :] - G), torch.exp(G[:, -1:, :]).transpose(1, 2)
+
+
+def scaled(x, f, dtype):
+    """x ⊙ f (f None: x) in `dtype` (one pass)."""
+    if f is None:
+        return x.to(dtype)
+    return torch.mul(x, f, out=torch.empty(torch.broadcast_shapes(x.shape, f.shape), dtype=dtype, device=x.device))
+
+
 def prepare(q, k, v, scale, g, initial_state, chunk_size, extra=()):
     """Pad to whole chunks and cut: q `(B, H, Gq, N, K)` -> `(B, H, NC, Gq, C, K)` (scaled), k, v, g,
     extra `(B, H, N, ...)` -> `(B, H, NC, C, ...)` (g as its in-chunk cumulative sum Γ)."""
@@ -315,6 +328,22 @@ def chunks(x: torch.Tensor, C: int, time_dim: int = 2) -> torch.Tensor:
         x = F.pad(x, [0, 0] * (x.dim() - 1 - time_dim) + [0, pad])
     B, H = x.shape[:2]
     return x.reshape(B * H, *x.shape[2:time_dim], -1, C, *x.shape[time_dim + 1:]).movedim(time_dim - 1, 0)
+
+
+def forward_groups(step, out, C: int, n: int, S, save: bool):
+    """The engines' forward loop over groups of n chunks: `step(sl, S) -> (o, S, saved)` for each group slice
+    `sl` of the chunk axis, its output `(n, B * H, Gq * C, V)` written into `out` `(B, H, Gq, NC * C, V)`.
+    Returns (the state after the last group, the groups' saved tensors if `save`)."""
+    B, H, Gq, L, V = out.shape
+    oc = chunks(out, C, time_dim=3)                                                # (NC, BH, Gq, C, V)
+    saved = []
+    for i0 in range(0, L // C, n):
+        sl = slice(i0, i0 + n)
+        o, S, sv = step(sl, S)
+        oc[sl] = o.view(-1, B * H, Gq, C, V)
+        if save:
+            saved.append(sv)
+    return S, saved
 
 
 def take(x: torch.Tensor, dtype: torch.dtype | None = None, scale: float | None = None) -> torch.Tensor:
