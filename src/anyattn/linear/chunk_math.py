@@ -115,16 +115,14 @@ def _gram_lags(a, b, G):
 
 
 def _gram_lags_backward(a, b, G, dM):
-    """(da, db) of `_gram_lags` for the cotangent dM (only its lower triangle is read)."""
+    """(da, db) of `_gram_lags` for the cotangent dM (only its lower triangle is read), in the full batch shape."""
     L = G.shape[-2]
     dd = dM.diagonal(dim1=-2, dim2=-1)[..., None]                        # (..., L, 1)
     da, db = dd * b, dd * a
     for lag in range(1, L):
-        e = torch.exp(G[..., lag:, :] - G[..., :-lag, :])
-        d = dM.diagonal(offset=-lag, dim1=-2, dim2=-1)[..., None]       # (..., L - lag, 1)
-        de = d * e
-        da = da + F.pad(de * b[..., :-lag, :], [0, 0, lag, 0])
-        db = db + F.pad(de * a[..., lag:, :], [0, 0, 0, lag])
+        de = dM.diagonal(offset=-lag, dim1=-2, dim2=-1)[..., None] * torch.exp(G[..., lag:, :] - G[..., :-lag, :])
+        da[..., lag:, :] += de * b[..., :-lag, :]
+        db[..., :-lag, :] += de * a[..., lag:, :]
     return da, db
 
 
