@@ -5,7 +5,7 @@ Per chunk (Γ: in-chunk cumulative log-decay, scalar, per key channel or absent;
 
     A_kk = strict lower part of the decayed gram of (β ⊙ K, K),  A_qk = decayed gram of (Q, K) (c <= r)
     T = (I + A_kk)^{-1}  (explicit: `unit_lower_inverse`),  [W, U] = T [β e^Γ ⊙ K, β ⊙ V]
-    Ṽ = U - W S,   O = A_qk Ṽ + (Q ⊙ e^Γ) S,   S' = e^{Γ_C} ⊙ S + (e^{Γ_C - Γ} ⊙ K)^T Ṽ
+    Ṽ = U - W S,   O = [A_qk | Q ⊙ e^Γ] [Ṽ; S],   S' = e^{Γ_C} ⊙ S + (e^{Γ_C - Γ} ⊙ K)^T Ṽ
 
 Only the state passing (Ṽ, S') is a loop over chunks; grams, T, W, U and O are batched over the chunks
 of a group of about GROUP_TOKENS tokens (chunk-major layout: a group is one contiguous slice).
@@ -17,8 +17,9 @@ dA_kk = -dr Ṽ^T (no matmul through W or U); dA_qk = dO Ṽ^T, d(Q ⊙ e^Γ) = 
 d(e^{Γ_C - Γ} ⊙ K) = Ṽ dS'^T; dQ, dK, dβ through the grams and the decayed factors, dΓ collected
 from them (`chunk_math`), dg = the in-chunk reverse cumsum of dΓ.
 
-Saved for backward: A_qk, T, W, Ṽ, the entering states (one K x V matrix per chunk) and, for a scalar
-decay, the decay matrices; the backward recomputes only elementwise factors.
+Saved for backward, per group: [A_qk | Q e^Γ], T, W, [Ṽ; S] (S: one K x V matrix per chunk), [β K; Q],
+e^{Γ_C - Γ} K and, for a scalar decay, the decay matrices; the backward recomputes only the elementwise
+decay factors (and reads k, v, β, g again).
 """
 from __future__ import annotations
 
@@ -108,7 +109,9 @@ def _delta_group(q, k, v, b, G, S, save=True):
     matmul dtype; b `(n, BH, C)`, G None | `(n, BH, C)` | `(n, BH, C, K)` and S `(BH, K, V)` (the state before
     the group) in the compute dtype. Flattened inside to M = n * BH matrices. The output is one matmul,
     O = [A_qk | Q e^Γ] [Ṽ; S] (the two factors are built side by side and kept for the backward).
-    Returns (o `(n, BH, Gq * C, V)`, S, saved = ([A_qk | Q e^Γ], T, W, [Ṽ; S], E, [β K; Q], e^{Γ_C - Γ} K)).."""
+    Returns (o `(n, BH, Gq * C, V)`, S, saved = ([A_qk | Q e^Γ], T, W, [Ṽ; S], E, [β K; Q], e^{Γ_C - Γ} K)).
+    With `save=False` and fp32 / fp64 matmuls (inference) T is not formed: block forward substitution is
+    cheaper than the inverse, which only the backward needs."""
     n, BH, Gq, C, K = q.shape
     V = v.shape[-1]
     M = n * BH
@@ -131,7 +134,7 @@ def _delta_group(q, k, v, b, G, S, save=True):
     if save or md != S.dtype:           # explicit T: the backward's transposed solve is then one matmul
         T = unit_lower_inverse(A_kk).to(md)
         X = (T @ R).view(n, BH, C, K + V)                                          # [W, U]
-    else:                               # inference: block forward substitution is cheaper than forming T
+    else:
         T, X = None, solve_unit_lower(A_kk, R).view(n, BH, C, K + V)
     kd = scaled(k, eL, md)
     VS = torch.empty(n, BH, C + K, V, dtype=md, device=q.device)                   # [Ṽ; S] per chunk
