@@ -164,9 +164,9 @@ def test_noncontiguous_inputs():
 def test_many_chunk_groups(method, groups, monkeypatch):
     """The engines walk the sequence in groups of chunks (state carried from group to group); make the
     groups small so every case crosses several group boundaries, with a partial last group."""
-    from anyattn.linear import chunk as engines
-    monkeypatch.setattr(engines, "GROUP_TOKENS", 8)
-    monkeypatch.setattr(engines, "DECAY_GROUP_TOKENS", 12)
+    from anyattn.linear import chunk_decay, chunk_delta
+    monkeypatch.setattr(chunk_delta, "GROUP_TOKENS", 8)
+    monkeypatch.setattr(chunk_decay, "DECAY_GROUP_TOKENS", 12)
     inp = make_inputs(method, N=45, groups=groups, requires_grad=True, seed=21)
     o1, S1, g1 = _grads(method, inp, "chunk", 4)
     o2, S2, g2 = _grads(method, inp, "recurrent")

@@ -145,6 +145,18 @@ def backend_choice(op: str, q, k, v, mode: str = "chunk", backend: str = "auto")
     return Choice("anyattn", f"anyattn's {mode} engine" + ("" if backend == "anyattn" else f" (fla not used: {why})"))
 
 
+def _engine_options(in_dtype, x):
+    """Chunk-engine options: the matmul dtype for inputs of `in_dtype` (bf16 / fp16 inputs: bf16 matmuls on
+    CPU), or the autograd path inside `chunk.autograd_backward()`."""
+    return {"md": _chunk.matmul_dtype(in_dtype, x.device), "autograd": _chunk.use_autograd()}
+
+
+def _low_precision(x) -> bool:
+    """bf16 / fp16 inputs: the chunk engines take q, k, v as they are (matmuls in low precision); gates and
+    states go in fp32."""
+    return x.dtype in (torch.bfloat16, torch.float16) and not _chunk.use_autograd()
+
+
 def _run(q, k, v, *, g=None, beta=None, delta=False, scale=None, initial_state=None,
          output_final_state=False, mode="chunk", chunk_size=64, op=None, backend="auto"):
     if op is not None and backend_choice(op, q, k, v, mode, backend).backend == "fla":
@@ -154,16 +166,18 @@ def _run(q, k, v, *, g=None, beta=None, delta=False, scale=None, initial_state=N
     dt = _compute_dtype(q)
     out_dtype = q.dtype
     B, Hq, N, _ = q.shape
-    q, k, v = _query_groups(q.to(dt), k.shape[1]), k.to(dt), v.to(dt)
+    if not (_low_precision(q) and mode == "chunk"):
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    q = _query_groups(q, k.shape[1])
     g = None if g is None else g.to(dt)
     beta = None if beta is None else beta.to(dt)
     S0 = _state0(initial_state, dt)
     if mode == "recurrent":
         o, S = _rec.recurrent(q, k, v, scale, g, beta if delta else None, S0)
     elif delta:
-        o, S = _chunk.chunk_delta(q, k, v, beta, scale, g, S0, chunk_size)
+        o, S = _chunk.chunk_delta(q, k, v, beta, scale, g, S0, chunk_size, **_engine_options(out_dtype, q))
     else:
-        o, S = _chunk.chunk_decay_attention(q, k, v, scale, g, S0, chunk_size)
+        o, S = _chunk.chunk_decay_attention(q, k, v, scale, g, S0, chunk_size, **_engine_options(out_dtype, q))
     o = o.reshape(B, Hq, N, -1).to(out_dtype)
     return (o, S) if output_final_state else o
 
@@ -234,7 +248,7 @@ def linear_attention(q, k, v, feature_map="elu1", normalize: bool = False, causa
     elif mode == "recurrent":
         o, S = _rec.recurrent(fqg, fk, vv, scale, None, None, S0)
     else:
-        o, S = _chunk.chunk_decay_attention(fqg, fk, vv, scale, None, S0, chunk_size)
+        o, S = _chunk.chunk_decay_attention(fqg, fk, vv, scale, None, S0, chunk_size, **_engine_options(q.dtype, q))
     o = o.reshape(*q.shape[:-1], vv.shape[-1])
     if normalize:
         o = o[..., :-1] / (o[..., -1:] + eps)

@@ -28,10 +28,11 @@ import torch.nn.functional as F
 
 from ..backends import Choice
 from ..backends import mamba as mamba_backend
+from ..backward_switch import use_autograd
 from ._checks import check_float, check_mode, check_positive_int, check_shape, check_tensor, compute_dtype
 from .recurrent import selective_scan_recurrent_core
 
-__all__ = ["selective_scan", "selective_scan_fn", "backend_choice"]
+__all__ = ["selective_scan", "selective_scan_fn", "selective_scan_ref", "backend_choice"]
 
 _SPAN_LIMIT = {torch.float32: 60.0, torch.float64: 600.0}
 _LOG_FLOOR = {torch.float32: -60.0, torch.float64: -600.0}
@@ -75,8 +76,9 @@ def _chunk_scan_states(b, la, h0, floor):
     return start, b[..., -1, :] + torch.exp(la[..., -1, :].clamp(min=floor)) * h0
 
 
-def _chunk_block_nograd(u, dt, A, Bc, Cc, h0, T: int):
-    """`_chunk_block` for inference: the same arithmetic with two in-place `(block, L, N)` buffers."""
+def _chunk_block_nograd(u, dt, A, Bc, Cc, h0, T: int, start_out=None):
+    """`_chunk_block` for inference: the same arithmetic with two in-place `(block, L, N)` buffers.
+    `start_out` `(B, g, db, nc, N)`: receives the states entering each chunk (kept for the backward)."""
     m = (T - 1) // 2
     S = dt.cumsum(-1)
     Smid = S[..., m:m + 1]
@@ -87,6 +89,8 @@ def _chunk_block_nograd(u, dt, A, Bc, Cc, h0, T: int):
     Y.div_(X)                                           # W = delta u B / E
     b = torch.exp((S[..., -1:] - Smid) * Ae) * Y.sum(-2)  # chunk-local end states
     start, last = _chunk_scan_states(b, S[..., -1:] * Ae, h0, _LOG_FLOOR[u.dtype])
+    if start_out is not None:
+        start_out.copy_(start)
     Y[..., 0, :] += start * torch.exp(Smid * Ae)        # the entering state, carried by the cumsum
     Y.cumsum_(-2)
     X.mul_(Cc).mul_(Y)
@@ -133,10 +137,54 @@ def _compiled_block():
     return _COMPILED["fn"]
 
 
-class _ChunkBlock(torch.autograd.Function):
-    """One channel block with recomputation: the forward runs the in-place inference kernel and keeps
-    only the (views of the) inputs; backward recomputes the block with autograd and differentiates it.
-    Memory for training is thus O(inputs) plus one block's temporaries (no double backward)."""
+def _chunk_block_backward(u, dt, A, Bc, Cc, start, T: int, gy, glast):
+    """Gradients of `_chunk_block` (shapes as there; `start` `(B, g, db, nc, N)` the states entering each
+    chunk, from the forward) for the cotangents gy `(B, g, db, nc, T)` and glast `(B, g, db, N)`:
+    (du, ddt, dA, dBc, dCc, dh0). Recomputes the states h_t chunkwise, then the adjoint
+    states λ_t = dL/dh_t by the same chunked scan run backwards in time:
+
+        λ_t = C_t gy_t + exp(Δ_{t+1} A) λ_{t+1}      (λ after the last token: glast)
+        d(Δ_t u_t B_t) = λ_t,   dC_t = Σ_d gy_t h_t,   and with ℓ_t = Δ_t A:  dℓ_t = λ_t (h_t - Δ_t u_t B_t)
+        (= λ_t exp(ℓ_t) h_{t-1}), dΔ_t = Σ_n (A dℓ_t + u_t B_t λ_t),  dA = Σ_t Δ_t dℓ_t.
+
+    Inside a chunk λ_t = (Σ_{t' >= t} E_t' C_t' gy_t' + E_T μ) / E_t with E as in the forward and μ the
+    cotangent arriving at the chunk's end from later chunks (a log-depth scan over the flipped chunks)."""
+    m = (T - 1) // 2
+    S = dt.cumsum(-1)
+    Smid = S[..., m:m + 1]
+    Ae = A[None, :, :, None, :]                         # (1, g, db, 1, N)
+    floor = _LOG_FLOOR[u.dtype]
+    E = torch.exp((S - Smid).unsqueeze(-1) * Ae.unsqueeze(-2))
+    dtu = dt * u
+    e_mid = torch.exp(Smid * Ae)                        # exp(A S_mid)   (B, g, db, nc, N)
+    e_end = torch.exp((S[..., -1:] - Smid) * Ae)        # E at the chunk's last token
+    la = S[..., -1:] * Ae                               # chunk log-decays
+    # states h_t (as the forward): E_t (cumsum_s Δ_s u_s B_s / E_s + start exp(A S_mid))
+    h = torch.mul(dtu.unsqueeze(-1), Bc).div_(E)
+    h[..., 0, :] += start * e_mid
+    h = h.cumsum_(-2).mul_(E)
+    # adjoint states λ_t
+    lam = torch.mul(Cc, gy.unsqueeze(-1)).mul_(E)       # E_t C_t gy_t
+    nu = e_mid * lam.sum(-2)                            # what each chunk sends to the state entering it
+    mu, dh0 = _chunk_scan_states(nu.flip(-2), la.flip(-2), glast, floor)
+    lam[..., -1, :] += e_end * mu.flip(-2)
+    lam = lam.flip(-2).cumsum_(-2).flip(-2).div_(E)
+    # gradients
+    dCc = (gy.unsqueeze(-1) * h).sum(2, keepdim=True)
+    lB = lam * Bc
+    dBc = (lam * dtu.unsqueeze(-1)).sum(2, keepdim=True)
+    h.sub_(torch.mul(dtu.unsqueeze(-1), Bc)).mul_(lam)  # dℓ_t = λ_t (h_t - Δ_t u_t B_t)
+    P = lB.sum(-1)                                      # Σ_n λ_t B_t
+    Bsz, g, db, nc = u.shape[:4]
+    h = h.view(Bsz, g, db, nc * T, -1)
+    ddt = torch.matmul(h, A.unsqueeze(-1)).view(u.shape).addcmul_(u, P)      # Σ_n A dℓ + u Σ_n λ B
+    dA = torch.matmul(dt.reshape(Bsz, g, db, 1, nc * T), h).sum(0)[..., 0, :]  # Σ_t Δ dℓ
+    return dt * P, ddt, dA, dBc, dCc, dh0
+
+
+class _ChunkBlockAutograd(torch.autograd.Function):
+    """The previous backward: recompute the block with autograd and differentiate it (the oracle of
+    `_ChunkBlock`'s hand-written backward, and the timing baseline)."""
 
     @staticmethod
     def forward(ctx, u, dt, A, Bc, Cc, h0, T):
@@ -173,9 +221,11 @@ def _chunk_size_for(dt, A, T: int) -> int:
     return T
 
 
-def selective_scan_chunk_core(u, dt, A, Bt, Ct, h0=None, chunk_size: int = 32, compile="auto"):
+def selective_scan_chunk_core(u, dt, A, Bt, Ct, h0=None, chunk_size: int = 32, compile="auto", autograd=False):
     """Canonical tensors (compute dtype): u/dt `(B, G, Dg, L)`, A `(G, Dg, N)`, Bt/Ct `(B, G, L, N)`,
-    h0 `(B, G, Dg, N)` or None. Returns y `(B, G, Dg, L)` and the last state `(B, G, Dg, N)`."""
+    h0 `(B, G, Dg, N)` or None. Returns y `(B, G, Dg, L)` and the last state `(B, G, Dg, N)`.
+    `autograd=True`: the blocks' backward recomputes them under autograd (the previous backward, kept as
+    the oracle of the hand-written one)."""
     Bsz, G, Dg, L = u.shape
     N = A.shape[-1]
     T = _chunk_size_for(dt, A, max(1, min(chunk_size, 1 << max(0, (L - 1).bit_length()))))
@@ -186,6 +236,8 @@ def selective_scan_chunk_core(u, dt, A, Bt, Ct, h0=None, chunk_size: int = 32, c
         Bt, Ct = F.pad(Bt, (0, 0, 0, pad)), F.pad(Ct, (0, 0, 0, pad))
     u = u.reshape(Bsz, G, Dg, nc, T)
     dt = dt.reshape(Bsz, G, Dg, nc, T)
+    if not autograd:  # (B, G, L, N) with N innermost: every (block, L, N) product then runs contiguous
+        Bt, Ct = Bt.contiguous(), Ct.contiguous()
     Bc = Bt.reshape(Bsz, G, 1, nc, T, N)
     Cc = Ct.reshape(Bsz, G, 1, nc, T, N)
     use_ckpt = torch.is_grad_enabled() and any(
@@ -194,35 +246,87 @@ def selective_scan_chunk_core(u, dt, A, Bt, Ct, h0=None, chunk_size: int = 32, c
         compile = (not use_ckpt) and Bsz * G * Dg * L * N >= _AUTO_COMPILE_ELEMS and _auto_compile_ok(u.device)
     fused = _compiled_block() if (compile and not use_ckpt) else None
     db = max(1, (_BLOCK_ELEMS_COMPILED if fused is not None else _BLOCK_ELEMS) // (Bsz * nc * T * N))
-    ys, lasts = [], []
     if db >= Dg:  # blocks of whole groups
         gb = max(1, db // Dg)
         slices = [(slice(g0, min(G, g0 + gb)), slice(0, Dg)) for g0 in range(0, G, gb)]
     else:         # blocks of channels inside one group
         slices = [(slice(g, g + 1), slice(d0, min(Dg, d0 + db))) for g in range(G) for d0 in range(0, Dg, db)]
-    for gs, ds in slices:
-        args = (u[:, gs, ds], dt[:, gs, ds], A[gs, ds], Bc[:, gs], Cc[:, gs],
-                None if h0 is None else h0[:, gs, ds], T)
-        if use_ckpt:
-            y, last = _ChunkBlock.apply(*args)
-        elif fused is not None:
-            try:
-                y, last = fused(*args)
-            except Exception:  # noqa: BLE001 - compilation failed: fall back to eager for good
-                _COMPILED["fn"] = fused = None
-                y, last = _chunk_block_nograd(*args)
-        else:
-            y, last = _chunk_block_nograd(*args)
-        ys.append(y)
-        lasts.append(last)
-    if db >= Dg:
-        y, last = torch.cat(ys, 1), torch.cat(lasts, 1)
+    if use_ckpt and autograd:
+        y, last = _blocks_autograd(u, dt, A, Bc, Cc, h0, T, slices, db >= Dg)
+    elif use_ckpt:
+        y, last = _ChunkScan.apply(u, dt, A, Bc, Cc, h0, T, slices)
     else:
-        nb = len(ys) // G
-        y = torch.cat([torch.cat(ys[g * nb:(g + 1) * nb], 2) for g in range(G)], 1)
-        last = torch.cat([torch.cat(lasts[g * nb:(g + 1) * nb], 2) for g in range(G)], 1)
+        def kernel(*args):
+            nonlocal fused
+            if fused is not None:
+                try:
+                    return fused(*args)
+                except Exception:  # noqa: BLE001 - compilation failed: fall back to eager for good
+                    _COMPILED["fn"] = fused = None
+            return _chunk_block_nograd(*args)
+        y, last = _run_blocks(kernel, u, dt, A, Bc, Cc, h0, T, slices)
     y = y.reshape(Bsz, G, Dg, nc * T)[..., :L]
     return y, last
+
+
+def _run_blocks(kernel, u, dt, A, Bc, Cc, h0, T, slices, start=None):
+    """Run `kernel` (no autograd) on each channel block, its results written into place (and the states
+    entering each chunk into `start`, if given)."""
+    Bsz, G, Dg = u.shape[:3]
+    y = torch.empty_like(u)
+    last = u.new_empty(Bsz, G, Dg, A.shape[-1])
+    for gs, ds in slices:
+        args = (u[:, gs, ds], dt[:, gs, ds], A[gs, ds], Bc[:, gs], Cc[:, gs], None if h0 is None else h0[:, gs, ds], T)
+        y[:, gs, ds], last[:, gs, ds] = kernel(*args) if start is None else kernel(*args, start[:, gs, ds])
+    return y, last
+
+
+class _ChunkScan(torch.autograd.Function):
+    """The chunked scan over all channel blocks with a hand-written backward: the forward runs the in-place
+    inference kernel block by block and keeps only the inputs; the backward recomputes each block's states
+    and runs its adjoint scan (`_chunk_block_backward`), writing the gradients into place. Memory for
+    training is O(inputs) plus one block's temporaries."""
+
+    @staticmethod
+    def forward(ctx, u, dt, A, Bc, Cc, h0, T, slices):
+        start = u.new_empty(*u.shape[:4], A.shape[-1])                 # the states entering each chunk
+        y, last = _run_blocks(_chunk_block_nograd, u, dt, A, Bc, Cc, h0, T, slices, start)
+        ctx.save_for_backward(u, dt, A, Bc, Cc, start)
+        ctx.T, ctx.slices, ctx.has_h0 = T, slices, h0 is not None
+        return y, last
+
+    @staticmethod
+    def backward(ctx, gy, glast):
+        u, dt, A, Bc, Cc, start = ctx.saved_tensors
+        du, ddt, dA = torch.empty_like(u), torch.empty_like(dt), torch.empty_like(A)
+        dBc, dCc = torch.zeros_like(Bc), torch.zeros_like(Cc)
+        dh0 = u.new_empty(*u.shape[:3], A.shape[-1]) if ctx.has_h0 else None
+        for gs, ds in ctx.slices:
+            g = _chunk_block_backward(u[:, gs, ds], dt[:, gs, ds], A[gs, ds], Bc[:, gs], Cc[:, gs],
+                                      start[:, gs, ds], ctx.T, gy[:, gs, ds], glast[:, gs, ds])
+            du[:, gs, ds], ddt[:, gs, ds], dA[gs, ds] = g[0], g[1], g[2]
+            dBc[:, gs] += g[3]
+            dCc[:, gs] += g[4]
+            if dh0 is not None:
+                dh0[:, gs, ds] = g[5]
+        return du, ddt, dA, dBc, dCc, dh0, None, None
+
+
+def _blocks_autograd(u, dt, A, Bc, Cc, h0, T, slices, whole_groups):
+    """The previous training path: one `_ChunkBlockAutograd` per block, results concatenated (the oracle
+    and timing baseline of `_ChunkScan`)."""
+    G = u.shape[1]
+    ys, lasts = [], []
+    for gs, ds in slices:
+        y, last = _ChunkBlockAutograd.apply(u[:, gs, ds], dt[:, gs, ds], A[gs, ds], Bc[:, gs], Cc[:, gs],
+                                            None if h0 is None else h0[:, gs, ds], T)
+        ys.append(y)
+        lasts.append(last)
+    if whole_groups:
+        return torch.cat(ys, 1), torch.cat(lasts, 1)
+    nb = len(ys) // G
+    return (torch.cat([torch.cat(ys[g * nb:(g + 1) * nb], 2) for g in range(G)], 1),
+            torch.cat([torch.cat(lasts[g * nb:(g + 1) * nb], 2) for g in range(G)], 1))
 
 
 def _check_bc(name, X, u, Bsz, Dm, N, L):
@@ -311,7 +415,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if mode == "recurrent":
         y, last = selective_scan_recurrent_core(*args)
     else:
-        y, last = selective_scan_chunk_core(*args, chunk_size=chunk_size, compile=compile)
+        y, last = selective_scan_chunk_core(*args, chunk_size=chunk_size, compile=compile, autograd=use_autograd())
     y = y.reshape(Bsz, Dm, L)
     if D is not None:
         y = y + D.to(cd)[:, None] * uc
@@ -341,3 +445,10 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     """Drop-in for `mamba_ssm.selective_scan_fn` (same positional arguments; chunked CPU/GPU path)."""
     return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                           output_final_state=bool(return_last_state))
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       initial_state=None, output_final_state=False):
+    """The step-by-step recurrence with `selective_scan`'s signature (it is `mode="recurrent"`)."""
+    return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state=initial_state,
+                          output_final_state=output_final_state, mode="recurrent")
