@@ -17,14 +17,44 @@ def _ms(s):
     return "-" if s is None else (f"{s * 1e3:.1f}" if s < 10 else f"{s * 1e3:.0f}")
 
 
+def _gf(v):
+    return "-" if not v else f"{v:.1f}"
+
+
+def _pct(frac):
+    return f"{100 * frac:.0f}%" if frac else "-"
+
+
+_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
+
+
+def _row(n, dt, r, notes):
+    vs = "-"
+    if r.get("vs_float32_forward"):
+        vs = f"{r['vs_float32_forward']:.2f}/" + (f"{r['vs_float32_fwd_bwd']:.2f}" if r.get("vs_float32_fwd_bwd") else "-")
+    err = r.get("rel_fro")
+    return (f"{n:<18}{_SHORT.get(dt, dt):>5}{_ms(r.get('forward_s')):>9}{r.get('forward_repeats', ''):>3}"
+            f"{_x(r.get('speedup_forward')):>8}{_gf(r.get('gflops_forward')):>7}{_pct(r.get('roofline_frac_forward')):>6}"
+            f"{_ms(r.get('fwd_bwd_s')):>11}{r.get('fwd_bwd_repeats', ''):>3}{_x(r.get('speedup_fwd_bwd')):>8}"
+            f"{_gf(r.get('gflops_fwd_bwd')):>7}"
+            f"{_pct(r.get('roofline_frac_fwd_bwd')):>6}{vs:>11}"
+            f"{_mb(r.get('peak_bytes_forward')):>9}{_mb(r.get('peak_bytes_fwd_bwd')):>8}"
+            f"{('-' if err is None else f'{err:.1e}'):>9}  {'; '.join(notes)}")
+
+
 def table(results: dict) -> str:
-    roof = results["machine"]["matmul_gflops_fp32"]
-    lines = [f"anyattn bench | torch {results['machine']['torch']} | {results['machine']['threads']} threads | "
-             f"matmul roofline {roof:.1f} GFLOP/s (fp32)",
-             "speedup = baseline time / contender time (>1 is faster); times are medians over n alternating "
-             "repeats in this process; err = relative Frobenius error vs the exact contender"]
-    head = (f"{'contender':<18}{'fwd ms':>10}{'n':>3}{'speedup':>9}{'fwd+bwd ms':>12}{'n':>3}{'speedup':>9}"
-            f"{'GFLOP/s':>9}{'%roof':>7}{'peak MB fwd':>12}{'fwd+bwd':>9}{'err':>10}  notes")
+    m = results["machine"]
+    roofs = m.get("matmul_gflops") or {"float32": m["matmul_gflops_fp32"]}
+    roof_text = ", ".join(f"{_SHORT.get(d, d)} {g:.1f}" for d, g in roofs.items())
+    lines = [f"anyattn bench | torch {m['torch']} | {m['threads']} threads | matmul roofline GFLOP/s: {roof_text}",
+             "speedup = baseline time / contender time in the same dtype (>1 is faster); times are medians over n "
+             "alternating repeats in this process; GF/s and %roof against the matmul roofline of the row's dtype "
+             "(fwd+bwd: forward FLOPs x 3.5 unless the case says otherwise); x fp32 = the contender's fp32 time / its "
+             "time in this dtype (fwd/fwd+bwd); err = relative Frobenius error vs the exact contender (low "
+             "precision: vs its float64 or float32 run on the same rounded inputs)"]
+    head = (f"{'contender':<18}{'dtype':>5}{'fwd ms':>9}{'n':>3}{'speedup':>8}{'GF/s':>7}{'roof':>6}"
+            f"{'fwd+bwd ms':>11}{'n':>3}{'speedup':>8}{'GF/s':>7}{'roof':>6}{'x fp32':>11}"
+            f"{'peak MB':>9}{'f+b MB':>8}{'err':>9}  notes")
     for c in results["cases"]:
         lines.append("")
         lines.append(f"== {c['workload']} | {c['label']} | baseline {c['baseline']}")
@@ -38,14 +68,18 @@ def table(results: dict) -> str:
             for key in ("peak_bytes_forward_note", "peak_bytes_fwd_bwd_note"):
                 if r.get(key):
                     notes.append("memory " + r[key])
-            frac = r.get("roofline_frac_forward")
-            err = r.get("rel_fro")
-            lines.append(
-                f"{n:<18}{_ms(r.get('forward_s')):>10}{r.get('forward_repeats', ''):>3}{_x(r.get('speedup_forward')):>9}"
-                f"{_ms(r.get('fwd_bwd_s')):>12}{r.get('fwd_bwd_repeats', ''):>3}{_x(r.get('speedup_fwd_bwd')):>9}"
-                f"{r.get('gflops_forward', 0):>9.1f}{(f'{100 * frac:.0f}%' if frac else '-'):>7}"
-                f"{_mb(r.get('peak_bytes_forward')):>12}{_mb(r.get('peak_bytes_fwd_bwd')):>9}"
-                f"{('-' if err is None else f'{err:.1e}'):>10}  {'; '.join(notes)}")
+            lines.append(_row(n, "float32", r, notes))
+        for dt, run in c.get("dtypes", {}).items():
+            if "skipped" in run:
+                lines.append(f"{'(all)':<18}{_SHORT.get(dt, dt):>5}  not run: {run['skipped']}")
+                continue
+            for n, r in run["contenders"].items():
+                lines.append(_row(n, dt, r, []))
+            if run.get("error_ref"):
+                lines.append(f"{'':<18}{_SHORT.get(dt, dt):>5}  err reference: {run['error_ref']}")
+            for kind in ("skip", "failed"):
+                for n, why in run.get(kind, {}).items():
+                    lines.append(f"{n:<18}{_SHORT.get(dt, dt):>5}  {kind}: {why}")
         for n, r in c["contenders"].items():
             if r.get("fwd_bwd_note"):
                 lines.append(f"{n:<18}{r['fwd_bwd_note']}")
