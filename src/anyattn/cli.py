@@ -1,4 +1,4 @@
-"""`anyattn bench | check | explain` command line."""
+"""`anyattn bench | check | explain | tune` command line."""
 from __future__ import annotations
 
 import argparse
@@ -24,12 +24,44 @@ def _bench(args):
         import torch
         torch.set_num_threads(args.threads)
         os.environ["ANYATTN_BENCH_THREADS"] = str(args.threads)  # for the memory subprocesses
+    dtypes = _dtypes(args.dtypes)
     results = runner.run(chosen, quick=args.quick, memory=not args.no_memory, budget_s=args.budget,
-                         progress=not args.no_progress, memory_max_s=args.memory_max)
+                         progress=not args.no_progress, memory_max_s=args.memory_max, dtypes=dtypes)
     print(report.table(results))
     path = report.write_json(results, args.out)
     png = report.plot(results, args.out)
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+    return 0
+
+
+def _dtypes(text: str) -> tuple:
+    out = tuple(d.strip() for d in text.split(",") if d.strip())
+    bad = [d for d in out if d not in ("float32", "bfloat16", "float16")]
+    if bad:
+        raise SystemExit(f"--dtypes must list float32, bfloat16 or float16, got {bad}")
+    return out
+
+
+def _tune(args):
+    import os
+
+    import torch
+
+    from .tune import cache_path
+    from .tune.measure import SECTIONS, run
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.cache:
+        os.environ["ANYATTN_TUNE_CACHE"] = args.cache
+    sections = tuple(s.strip() for s in args.only.split(",")) if args.only else SECTIONS
+    if cache_path() is None:
+        print("the tune cache is disabled (ANYATTN_TUNE_CACHE is empty or 'none'); pass --cache PATH", file=sys.stderr)
+        return 2
+    path, entries = run(sections, dtypes=_dtypes(args.dtypes), quick=args.quick, budget_s=args.budget,
+                        progress=not args.no_progress)
+    n = sum(len(v) for v in entries.values())
+    print(f"wrote {n} measured entries to {path} (read by method='auto', the blocked engine's block sizes and the "
+          "neighborhood engine's tiles; anyattn explain quotes them; delete the file to return to the defaults)")
     return 0
 
 
@@ -85,8 +117,21 @@ def main(argv=None) -> int:
     b.add_argument("--memory-max", type=float, default=20.0,
                    help="skip the memory re-run of contenders whose one run takes longer (seconds)")
     b.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    b.add_argument("--dtypes", default="float32,bfloat16",
+                   help="comma-separated dtypes every case runs in (float32 first; the others cast its inputs)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(fn=_bench)
+    t = sub.add_parser("tune", help="measure this machine's crossovers into the tune cache that auto reads")
+    t.add_argument("--only", default=None, help="comma-separated sections: softmax, bias, neighborhood, linear "
+                                                "(default: all)")
+    t.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes to measure")
+    t.add_argument("--budget", type=float, default=3.0, help="seconds of timing per measurement (sets repeats)")
+    t.add_argument("--cache", default=None, help="cache file (default: $ANYATTN_TUNE_CACHE, else "
+                                                 "~/.cache/anyattn/tune.json)")
+    t.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test; the numbers mean nothing)")
+    t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(fn=_tune)
     c = sub.add_parser("check", help="every exact method against the float64 reference")
     c.set_defaults(fn=_check)
     e = sub.add_parser("explain", help="what method='auto' picks for a shape and mask, and why")

@@ -5,6 +5,11 @@ Rules (exact methods only unless the caller passes `tolerance=`):
    would have to materialize is small (at most `MAX_SDPA_MASK_ELEMENTS` entries);
 2. otherwise `blocked`, which handles every mask and bias spec with tile skipping in O(N) memory.
 
+3. `neighborhood` for a `masks.Neighborhood` spec without bias (its tiled engine).
+
+After `anyattn tune`, a measured winner for the request's class (`anyattn.tune.measured_route`) replaces
+these rules when it can run the request; the explanation quotes the timings.
+
 With a bias (`_choose_bias`), three routes compete:
 - `lowrank_bias` when the bias has an exact low-rank form under the mask (causal ALiBi, SpatialDistance,
   Factored, sums of those) that is precise and cheap: the fused kernel runs at head dim
@@ -20,7 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from .masks import Causal
+from .neighborhood_mask import Neighborhood
 from .registry import Request, get
+from .tune import measured_route
 
 MAX_SDPA_MASK_ELEMENTS = 1 << 24
 MAX_SDPA_BIAS_ELEMENTS = 1 << 24  # materialize an analytic bias for SDPA only up to this (64 MiB in fp32)
@@ -39,6 +46,7 @@ def choose_approximate(req: Request, tolerance: float):
 class Explanation:
     method: str
     reason: str
+    measured: dict | None = None  # the tune-cache record behind a measured choice
 
     def __str__(self):
         return f"{self.method}: {self.reason}"
@@ -51,7 +59,14 @@ def choose(req: Request, tolerance: float | None = None) -> Explanation:
         pick = choose_approximate(req, float(tolerance))
         if pick is not None:
             return pick
+    hit = measured_route(req)
+    if hit is not None:
+        return Explanation(*hit)
     sh = req.shape
+    if isinstance(req.mask, Neighborhood) and req.bias is None:
+        from .softmax.neighborhood import explain_tiles
+        return Explanation("neighborhood", "a Neighborhood spec: query tiles x key halos in the neighborhood engine "
+                                           f"({explain_tiles(req)})")
     if req.mask is None and req.bias is None:
         if req.return_lse and req.q.device.type != "cpu":
             return Explanation("blocked", f"the LSE was requested and SDPA returns none on {req.q.device.type}")

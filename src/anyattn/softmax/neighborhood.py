@@ -43,7 +43,7 @@ from ..lse import merge
 from ..masks import Dense
 from ..neighborhood_mask import group_sizes, normalize_args, window
 from ..precision import matmul_dtype
-from ..tune import lookup
+from ..tune import entry, neighborhood_key
 from ..validate import Shape, check_qkv, check_same_device_dtype, check_scale, check_tensor
 from .blocked import blocked_attention
 from .halo_tiles import GROUP_ELEMENTS, Group, additive, group_size, halo_attention, runs
@@ -102,7 +102,8 @@ def default_tiles(shape, kernel_size, dilation, stride):
     for n, k, d, s in zip(shape, kernel_size, dilation, stride):
         ng = -(-n // d)
         top = -(-ng // s) * s  # one tile covers the axis
-        cands.append(sorted({top} | {s * j for j in range(1, 257) if s * j < top}))
+        # stride multiples that are powers of two or multiples of 16 (aligned matmul rows), or the whole axis
+        cands.append(sorted({top} | {T for T in (s * j for j in range(1, 257)) if T < top and (T & (T - 1) == 0 or T % 16 == 0)}))
     best, best_cost = None, math.inf
 
     def rec(a, chosen):
@@ -482,16 +483,23 @@ def neighborhood(q, k, v, kernel_size, dilation=1, stride=1, is_causal=False, *,
 def tuned_tiles(shape, ks, ds, ss, cs, dtype, device):
     """The query tile for this configuration: `anyattn tune`'s measured best if the tune cache has this
     configuration (see `anyattn.tune`), else `default_tiles`."""
-    hit = lookup("neighborhood_tile", neighborhood_key(shape, ks, ds, ss, cs, dtype, device))
-    if hit is not None and len(hit) == len(shape):
-        return tuple(int(t) for t in hit)
+    rec = entry("neighborhood_tile", neighborhood_key(shape, ks, ds, ss, cs, dtype, device))
+    if rec is not None and len(rec["value"]) == len(shape):
+        return tuple(int(t) for t in rec["value"])
     return default_tiles(tuple(shape), ks, ds, ss)
 
 
-def neighborhood_key(shape, ks, ds, ss, cs, dtype, device) -> str:
-    """The tune-cache key of a neighborhood configuration."""
-    dt = str(dtype).replace("torch.", "")
-    return f"{torch.device(device).type}|{dt}|shape={list(shape)}|k={list(ks)}|d={list(ds)}|s={list(ss)}|c={[int(c) for c in cs]}"
+def explain_tiles(req) -> str:
+    """How the engine tiles a `method="neighborhood"` request: the tile and where it comes from."""
+    spec = req.mask
+    key = neighborhood_key(spec.shape, spec.kernel_size, spec.dilation, spec.stride, spec.is_causal, req.q.dtype,
+                           req.q.device)
+    rec = entry("neighborhood_tile", key)
+    if rec is not None:
+        quoted = ", ".join(f"{t} {ms:.1f} ms" for t, ms in sorted(rec.get("measured", {}).items(), key=lambda x: x[1]))
+        return f"tile {tuple(rec['value'])} measured by `anyattn tune` ({quoted})"
+    tiles = default_tiles(spec.shape, spec.kernel_size, spec.dilation, spec.stride)
+    return f"tile {tiles} from the built-in cost model (no tune-cache entry for {key})"
 
 
 # ---------------------------------------------------------------- `anyattn.attention(method="neighborhood")`

@@ -1,16 +1,15 @@
-"""The tune cache: this machine's measured crossovers, read by `method="auto"` and the engines.
+"""The tune cache file: this machine's measured crossovers, read by `method="auto"` and the engines.
 
-`anyattn tune` (see `anyattn.tuning`) measures, on the machine at hand, what the built-in cost models
+`anyattn tune` (`anyattn.tune.measure`) measures, on the machine at hand, what the built-in cost models
 only estimate, and writes it to a small JSON file:
 
 - location: `$ANYATTN_TUNE_CACHE` if set (an empty value or "none" disables the cache), else
   `$XDG_CACHE_HOME/anyattn/tune.json` (`~/.cache/anyattn/tune.json`);
 - without a cache (or without an entry for a configuration) the built-in defaults stand.
 
-Format: `{"version": 1, "machine": {...}, "entries": {kind: {key: {"value": ..., "measured": {...},
-"note": ...}}}}`. Kinds: "softmax_route" (value: the exact method to use for a request class),
-"blocked_blocks" (value: `[block_q, block_k]`), "neighborhood_tile" (value: the query tile per axis).
-`measured` holds the timings (ms) behind the choice; `anyattn.explain` quotes them.
+Format: `{"version": 1, "machine": {...}, "entries": {kind: {key: {"value": ..., "measured": {...}}}}}`.
+Kinds and keys: `anyattn.tune.keys`. `measured` holds the timings (ms) behind the choice;
+`anyattn.explain` quotes them.
 """
 from __future__ import annotations
 
