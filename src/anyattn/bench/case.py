@@ -13,8 +13,9 @@ against `exact`, and peak memory measured in a fresh subprocess per (case, conte
 Every case is timed forward and forward+backward (unless `backward=False`), in float32 and again in
 each low-precision dtype the runner is asked for (`anyattn bench --dtypes`, default float32 and
 bfloat16): the runner casts the float32 tensors of `make_inputs` (the dict's values) to that dtype, so a
-workload needs no code for it. A case whose inputs cannot be cast that way (objects holding tensors,
-work done in other processes) says so with `dtypes=("float32",)` and `low_precision_note`.
+workload needs no code for it. A case whose inputs hold tensors inside objects gives
+`make_inputs_dtype(requires_grad, dtype)`; one that cannot run in low precision at all (work done in other
+processes) says so with `dtypes=("float32",)` and `low_precision_note`.
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ class Case:
         returning it (called after the contender has run once). Such contenders get an untimed
         warm-up call before timing.
     dtypes: the dtypes this case runs in (None: all the runner's); low_precision_note: why not.
+    make_inputs_dtype(requires_grad, dtype): inputs in a low-precision dtype, for inputs the runner cannot
+        cast itself (default: `make_inputs` with its float32 tensors cast).
     low_precision_skip: contenders not run in low precision, with the reason (e.g. a float32-only peer).
     """
 
@@ -64,6 +67,7 @@ class Case:
     setup_seconds: dict[str, float] = field(default_factory=dict)
     dtypes: tuple | None = None
     low_precision_note: str = ""
+    make_inputs_dtype: Callable[[bool, torch.dtype], Inputs] | None = None
     low_precision_skip: dict[str, str] = field(default_factory=dict)
 
 

@@ -33,7 +33,7 @@ def _row(n, dt, r, notes):
     if r.get("vs_float32_forward"):
         vs = f"{r['vs_float32_forward']:.2f}/" + (f"{r['vs_float32_fwd_bwd']:.2f}" if r.get("vs_float32_fwd_bwd") else "-")
     err = r.get("rel_fro")
-    return (f"{n:<18}{_SHORT.get(dt, dt):>5}{_ms(r.get('forward_s')):>9}{r.get('forward_repeats', ''):>3}"
+    return (f"{n:<22}{_SHORT.get(dt, dt):>5}{_ms(r.get('forward_s')):>9}{r.get('forward_repeats', ''):>3}"
             f"{_x(r.get('speedup_forward')):>8}{_gf(r.get('gflops_forward')):>7}{_pct(r.get('roofline_frac_forward')):>6}"
             f"{_ms(r.get('fwd_bwd_s')):>11}{r.get('fwd_bwd_repeats', ''):>3}{_x(r.get('speedup_fwd_bwd')):>8}"
             f"{_gf(r.get('gflops_fwd_bwd')):>7}"
@@ -52,7 +52,7 @@ def table(results: dict) -> str:
              "(fwd+bwd: forward FLOPs x 3.5 unless the case says otherwise); x fp32 = the contender's fp32 time / its "
              "time in this dtype (fwd/fwd+bwd); err = relative Frobenius error vs the exact contender (low "
              "precision: vs its float64 or float32 run on the same rounded inputs)"]
-    head = (f"{'contender':<18}{'dtype':>5}{'fwd ms':>9}{'n':>3}{'speedup':>8}{'GF/s':>7}{'roof':>6}"
+    head = (f"{'contender':<22}{'dtype':>5}{'fwd ms':>9}{'n':>3}{'speedup':>8}{'GF/s':>7}{'roof':>6}"
             f"{'fwd+bwd ms':>11}{'n':>3}{'speedup':>8}{'GF/s':>7}{'roof':>6}{'x fp32':>11}"
             f"{'peak MB':>9}{'f+b MB':>8}{'err':>9}  notes")
     for c in results["cases"]:
@@ -71,21 +71,21 @@ def table(results: dict) -> str:
             lines.append(_row(n, "float32", r, notes))
         for dt, run in c.get("dtypes", {}).items():
             if "skipped" in run:
-                lines.append(f"{'(all)':<18}{_SHORT.get(dt, dt):>5}  not run: {run['skipped']}")
+                lines.append(f"{'(all)':<22}{_SHORT.get(dt, dt):>5}  not run: {run['skipped']}")
                 continue
             for n, r in run["contenders"].items():
                 lines.append(_row(n, dt, r, []))
             if run.get("error_ref"):
-                lines.append(f"{'':<18}{_SHORT.get(dt, dt):>5}  err reference: {run['error_ref']}")
+                lines.append(f"{'':<22}{_SHORT.get(dt, dt):>5}  err reference: {run['error_ref']}")
             for kind in ("skip", "failed"):
                 for n, why in run.get(kind, {}).items():
-                    lines.append(f"{n:<18}{_SHORT.get(dt, dt):>5}  {kind}: {why}")
+                    lines.append(f"{n:<22}{_SHORT.get(dt, dt):>5}  {kind}: {why}")
         for n, r in c["contenders"].items():
             if r.get("fwd_bwd_note"):
-                lines.append(f"{n:<18}{r['fwd_bwd_note']}")
+                lines.append(f"{n:<22}{r['fwd_bwd_note']}")
         for kind in ("skip", "missing", "failed"):
             for n, why in c.get(kind, {}).items():
-                lines.append(f"{n:<18}{kind}: {why}")
+                lines.append(f"{n:<22}{kind}: {why}")
     return "\n".join(lines)
 
 

@@ -134,18 +134,23 @@ def _low_precision(case: Case, dtype_name: str, fp32: dict, budget_s: float, pro
     if case.dtypes is not None and dtype_name not in case.dtypes:
         return {"skipped": case.low_precision_note or f"the case runs in {', '.join(case.dtypes)} only"}
     dtype = getattr(torch, dtype_name)
-    probe, n_cast = cast_inputs(case.make_inputs(False), dtype)
-    if n_cast == 0:
-        return {"skipped": "its inputs hold no float32 tensor to cast"}
+    if case.make_inputs_dtype is not None:
+        make = lambda g: case.make_inputs_dtype(g, dtype)  # noqa: E731
+    else:
+        if cast_inputs(case.make_inputs(False), dtype)[1] == 0:
+            return {"skipped": "its inputs hold no float32 tensor to cast"}
+        make = lambda g: cast_inputs(case.make_inputs(g), dtype)[0]  # noqa: E731
     failed: dict[str, str] = {}
     names = [n for n in fp32 if n not in case.low_precision_skip]
-    res, outs, x = _time_modes(case, names, lambda g: cast_inputs(case.make_inputs(g), dtype)[0], budget_s,
-                               progress, f"{dtype_name} ", failed)
+    res, outs, x = _time_modes(case, names, make, budget_s, progress, f"{dtype_name} ", failed)
     out = {"contenders": res, "failed": failed, "skip": dict(case.low_precision_skip)}
     if case.exact and case.exact in fp32 and case.exact not in case.low_precision_skip:
         ref_dtype = torch.float64 if fp32[case.exact]["forward_s"] < FLOAT64_REFERENCE_MAX_S else torch.float32
-        wide = {k: (t.detach().to(ref_dtype) if isinstance(t, torch.Tensor) and t.dtype == dtype else t)
-                for k, t in x.items()}
+        if case.make_inputs_dtype is not None:  # inputs built in a dtype: the exact contender on wide ones
+            wide = case.make_inputs_dtype(False, ref_dtype)
+        else:
+            wide = {k: (t.detach().to(ref_dtype) if isinstance(t, torch.Tensor) and t.dtype == dtype else t)
+                    for k, t in x.items()}
         try:
             with torch.no_grad():
                 ref = first_tensor(case.contenders[case.exact](wide))

@@ -120,20 +120,22 @@ def _gdn_steps(x):
     return torch.stack(outs)
 
 
-def _build(N, H_kv, what, steps=STEPS):
+def _build(N, H_kv, what, steps=STEPS, dtype=torch.float32):
+    """The case's inputs with caches, queries and states in `dtype` (the PCA bases are fitted in float32)."""
     data = concentrated(N, H_kv)
-    cache = KVCache(B, H_kv, N, D)
-    cache.append(data["k"], data["v"])
-    out = {"q": data["q"][:steps], "cache": cache}
+    k, v = data["k"].to(dtype), data["v"].to(dtype)
+    cache = KVCache(B, H_kv, N, D, dtype=dtype)
+    cache.append(k, v)
+    out = {"q": data["q"][:steps].to(dtype), "cache": cache}
     if "pca" in what:
         proj = fit_pca(data["calib_k"], data["calib_v"]).with_ranks(D // 2)
-        out["pca_cache"] = KVCache(B, H_kv, N, D, compress="pca", projection=proj)
-        out["pca_cache"].append(data["k"], data["v"])
+        out["pca_cache"] = KVCache(B, H_kv, N, D, compress="pca", projection=proj, dtype=dtype)
+        out["pca_cache"].append(k, v)
     if "int8" in what:
-        out["int8_cache"] = KVCache(B, H_kv, N, D, quantize="int8")
-        out["int8_cache"].append(data["k"], data["v"])
+        out["int8_cache"] = KVCache(B, H_kv, N, D, quantize="int8", dtype=dtype)
+        out["int8_cache"].append(k, v)
     if "linear" in what:
-        out.update({"lin_" + a: (b[:steps] if a != "S" else b) for a, b in _linear_inputs(H_kv).items()})
+        out.update({"lin_" + a: (b[:steps] if a != "S" else b).to(dtype) for a, b in _linear_inputs(H_kv).items()})
     return out
 
 
@@ -172,7 +174,8 @@ def cases(quick: bool) -> list[Case]:
         }
         out.append(Case(workload="decode", label=f"decode N={N} H_kv={H_kv} ({steps} steps)", params=params,
                         flops=flops, make_inputs=lambda rg, N=N, H_kv=H_kv: _build(N, H_kv, ("pca", "int8"), steps),
-                        contenders=contenders, baseline="exact", exact="exact", backward=False))
+                        contenders=contenders, baseline="exact", exact="exact", backward=False,
+                        make_inputs_dtype=lambda rg, dt, N=N, H_kv=H_kv: _build(N, H_kv, ("pca", "int8"), steps, dt)))
         state_bytes = B * H * D * D * 4
         lparams = dict(B=B, H=H, H_kv=H_kv, N=N, D=D, steps_per_call=steps, dtype="float32",
                        cache_bytes={"exact_decode": bytes_["exact"], "gla_step": state_bytes,
@@ -183,7 +186,8 @@ def cases(quick: bool) -> list[Case]:
                         make_inputs=lambda rg, N=N, H_kv=H_kv: _build(N, H_kv, ("linear",), steps),
                         contenders={"exact_decode": lambda x: _steps(x["cache"], x["q"], policy="exact"),
                                     "gla_step": _lin(_gla_steps), "gated_delta_rule_step": _lin(_gdn_steps)},
-                        baseline="exact_decode", exact=None, backward=False))
+                        baseline="exact_decode", exact=None, backward=False,
+                        make_inputs_dtype=lambda rg, dt, N=N, H_kv=H_kv: _build(N, H_kv, ("linear",), steps, dt)))
     return out
 
 
