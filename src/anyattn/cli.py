@@ -13,7 +13,7 @@ def _bench(args):
         for n, (_, desc) in sorted(registry().items()):
             print(f"{n:<12} {desc}")
         return 0
-    chosen = args.workloads or ["softmax"]
+    chosen = args.workloads or ["tour"]
     unknown = [w for w in chosen if w not in names()]
     if unknown:
         print(f"unknown workload(s) {unknown}; available: {names()}", file=sys.stderr)
@@ -28,6 +28,9 @@ def _bench(args):
     results = runner.run(chosen, quick=args.quick, memory=not args.no_memory, budget_s=args.budget,
                          progress=not args.no_progress, memory_max_s=args.memory_max, dtypes=dtypes)
     print(report.table(results))
+    text = report.summary(results)
+    if text:
+        print(text)
     path = report.write_json(results, args.out)
     png = report.plot(results, args.out)
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))
@@ -108,7 +111,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="anyattn", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="time methods and peers side by side (table, JSON, PNG)")
-    b.add_argument("workloads", nargs="*", help="workload names (default: softmax); --list shows them")
+    b.add_argument("workloads", nargs="*", help="workload names (default: tour, the demo); --list shows them")
     b.add_argument("--list", action="store_true", help="list workloads and exit")
     b.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     b.add_argument("--out", default="bench-out", help="output folder for results.json and bench.png")

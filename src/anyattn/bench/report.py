@@ -89,6 +89,48 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _compared(results: dict):
+    """Per case with `params["compare"]`: rows `(case label, ours, peer, dtype, fwd speedup, fwd+bwd speedup,
+    our error, peer note)`; speedup = peer time / our time (>1: anyattn is faster)."""
+    rows = []
+    for c in results["cases"]:
+        cmp = c.get("params", {}).get("compare")
+        if not cmp:
+            continue
+        runs = [("float32", c["contenders"], c.get("failed", {}))] + \
+            [(dt, r.get("contenders", {}), r.get("failed", {})) for dt, r in c.get("dtypes", {}).items()]
+        for dt, cont, failed in runs:
+            ours = cont.get(cmp["ours"])
+            if ours is None:
+                continue
+            for p in cmp["peers"]:
+                peer = cont.get(p)
+                why = c.get("skip", {}).get(p) or c.get("missing", {}).get(p) or failed.get(p)
+                fwd = peer["forward_s"] / ours["forward_s"] if peer and peer.get("forward_s") else None
+                fb = peer["fwd_bwd_s"] / ours["fwd_bwd_s"] if peer and peer.get("fwd_bwd_s") and ours.get("fwd_bwd_s") \
+                    else None
+                note = "" if peer else f"not run: {why or 'not in this dtype'}"
+                if peer and fb is None and p in c.get("forward_only", {}):
+                    note = "fwd+bwd: " + c["forward_only"][p]
+                rows.append((c["label"], cmp["ours"], p, dt, fwd, fb, ours.get("rel_fro"), note))
+    return rows
+
+
+def summary(results: dict) -> str | None:
+    """The tour's summary: anyattn's contender against each peer per case and dtype (None when no case
+    names a comparison)."""
+    rows = _compared(results)
+    if not rows:
+        return None
+    lines = ["", "== summary: anyattn vs its strongest runnable peers (speedup = peer time / anyattn time; "
+                 "err = anyattn's relative error vs the case's exact contender)",
+             f"{'case':<34}{'anyattn':<13}{'peer':<18}{'dtype':>5}{'fwd':>9}{'fwd+bwd':>9}{'err':>10}  notes"]
+    for label, ours, peer, dt, fwd, fb, err, note in rows:
+        lines.append(f"{label[:33]:<34}{ours:<13}{peer:<18}{_SHORT.get(dt, dt):>5}{_x(fwd):>9}{_x(fb):>9}"
+                     f"{('-' if err is None else f'{err:.1e}'):>10}  {note}")
+    return "\n".join(lines)
+
+
 def write_json(results: dict, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "results.json")
@@ -98,8 +140,9 @@ def write_json(results: dict, out_dir: str) -> str:
 
 
 def plot(results: dict, out_dir: str) -> str | None:
-    """Forward time per contender for each workload (log scale). Returns the PNG path, or None when
-    matplotlib is missing (said on stdout)."""
+    """One PNG: with compared cases (the tour), anyattn's speedup over each peer per case, float32 and bf16,
+    forward; otherwise the forward time per contender for each workload (log scale). Returns the path, or
+    None when matplotlib is missing (said on stdout)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -107,6 +150,41 @@ def plot(results: dict, out_dir: str) -> str | None:
     except ImportError:
         print("plot: matplotlib is missing (pip install 'anyattn[bench]'); no PNG written")
         return None
+    rows = _compared(results)
+    if rows:
+        fig = _plot_speedups(plt, rows)
+    else:
+        fig = _plot_times(plt, results)
+    fig.tight_layout()
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "bench.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_speedups(plt, rows):
+    labels = list(dict.fromkeys(r[0] for r in rows))
+    fig, axes = plt.subplots(1, len(labels), figsize=(3.4 * len(labels), 4.2), squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        mine = [r for r in rows if r[0] == label and r[4]]
+        peers = list(dict.fromkeys(r[2] for r in mine))
+        dts = list(dict.fromkeys(r[3] for r in mine))
+        width = 0.8 / max(len(dts), 1)
+        for j, dt in enumerate(dts):
+            ys = [next((r[4] for r in mine if r[2] == p and r[3] == dt), 0) for p in peers]
+            ax.bar([i + j * width for i in range(len(peers))], ys, width=width, label=_SHORT.get(dt, dt))
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(peers))])
+        ax.set_xticklabels(peers, fontsize=8, rotation=20)
+        ax.set_yscale("log")
+        ax.set_title(f"{label}\n(anyattn: {mine[0][1] if mine else '-'})", fontsize=9)
+        ax.set_ylabel("forward speedup of anyattn (peer / anyattn)", fontsize=8)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def _plot_times(plt, results):
     workloads = list(dict.fromkeys(c["workload"] for c in results["cases"]))
     fig, axes = plt.subplots(len(workloads), 1, figsize=(10, 3.6 * len(workloads)), squeeze=False)
     for ax, w in zip(axes[:, 0], workloads):
@@ -124,12 +202,7 @@ def plot(results: dict, out_dir: str) -> str | None:
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
         ax.set_xticklabels([c["label"] for c in cases], fontsize=8)
         ax.set_yscale("log")
-        ax.set_ylabel("forward ms (median)")
+        ax.set_ylabel("forward ms (median, fp32)")
         ax.set_title(f"{w}: forward time (lower is better)")
         ax.legend(fontsize=7, ncol=min(len(names), 6))
-    fig.tight_layout()
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "bench.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig

@@ -150,32 +150,42 @@ def _lin(fn):
     return lambda x: fn({a[4:]: b for a, b in x.items() if a.startswith("lin_")})
 
 
+def decode_case(N: int, H_kv: int, quick: bool, names=None, workload: str = "decode") -> Case:
+    """The decode case at context N (`names`: the contenders to keep, default all; the caches they do not
+    read are not built)."""
+    steps = QUICK_STEPS if quick else STEPS
+    pol = PUBLISHED if not quick else TokenSelect(n_init=16, n_local=32, k=64)
+    always = TokenSelect(pol.n_init, pol.n_local, pol.k, reuse_threshold=2.0)
+    attended = min(N, pol.n_init + pol.k + pol.n_local)
+    flops = steps * B * H * 4 * N * D
+    params = dict(B=B, H=H, H_kv=H_kv, N=N, D=D, steps_per_call=steps, dtype="float32",
+                  tokenselect=dict(n_init=pol.n_init, n_local=pol.n_local, k=pol.k,
+                                   reuse_threshold=pol.reuse_threshold, attended_tokens=attended),
+                  pca_rank=D // 2, cache_bytes=_cache_bytes(N, H_kv),
+                  input="concentrated: 16 needle keys aligned with the query + low-rank noise keys")
+    contenders = {
+        "exact": lambda x: _steps(x["cache"], x["q"], policy="exact"),
+        "sdpa": _sdpa_steps,
+        "tokenselect": lambda x, p=pol: _steps(x["cache"], x["q"], policy=p, reset=True),
+        "tokenselect_select": lambda x, p=always: _steps(x["cache"], x["q"], policy=p, reset=True),
+        "pca_r32": lambda x: _steps(x["pca_cache"], x["q"]),
+        "int8": lambda x: _steps(x["int8_cache"], x["q"]),
+    }
+    if names is not None:
+        contenders = {n: f for n, f in contenders.items() if n in names}
+    what = tuple(w for w, n in (("pca", "pca_r32"), ("int8", "int8")) if n in contenders)
+    return Case(workload=workload, label=f"decode N={N} H_kv={H_kv} ({steps} steps)", params=params,
+                flops=flops, make_inputs=lambda rg: _build(N, H_kv, what, steps),
+                contenders=contenders, baseline="exact", exact="exact", backward=False,
+                make_inputs_dtype=lambda rg, dt: _build(N, H_kv, what, steps, dt))
+
+
 def cases(quick: bool) -> list[Case]:
     out = []
     steps = QUICK_STEPS if quick else STEPS
     for N, H_kv in (QUICK_CONTEXTS if quick else CONTEXTS):
-        pol = PUBLISHED if not quick else TokenSelect(n_init=16, n_local=32, k=64)
-        always = TokenSelect(pol.n_init, pol.n_local, pol.k, reuse_threshold=2.0)
-        attended = min(N, pol.n_init + pol.k + pol.n_local)
-        flops = steps * B * H * 4 * N * D
+        out.append(decode_case(N, H_kv, quick))
         bytes_ = _cache_bytes(N, H_kv)
-        params = dict(B=B, H=H, H_kv=H_kv, N=N, D=D, steps_per_call=steps, dtype="float32",
-                      tokenselect=dict(n_init=pol.n_init, n_local=pol.n_local, k=pol.k,
-                                       reuse_threshold=pol.reuse_threshold, attended_tokens=attended),
-                      pca_rank=D // 2, cache_bytes=bytes_,
-                      input="concentrated: 16 needle keys aligned with the query + low-rank noise keys")
-        contenders = {
-            "exact": lambda x: _steps(x["cache"], x["q"], policy="exact"),
-            "sdpa": _sdpa_steps,
-            "tokenselect": lambda x, p=pol: _steps(x["cache"], x["q"], policy=p, reset=True),
-            "tokenselect_select": lambda x, p=always: _steps(x["cache"], x["q"], policy=p, reset=True),
-            "pca_r32": lambda x: _steps(x["pca_cache"], x["q"]),
-            "int8": lambda x: _steps(x["int8_cache"], x["q"]),
-        }
-        out.append(Case(workload="decode", label=f"decode N={N} H_kv={H_kv} ({steps} steps)", params=params,
-                        flops=flops, make_inputs=lambda rg, N=N, H_kv=H_kv: _build(N, H_kv, ("pca", "int8"), steps),
-                        contenders=contenders, baseline="exact", exact="exact", backward=False,
-                        make_inputs_dtype=lambda rg, dt, N=N, H_kv=H_kv: _build(N, H_kv, ("pca", "int8"), steps, dt)))
         state_bytes = B * H * D * D * 4
         lparams = dict(B=B, H=H, H_kv=H_kv, N=N, D=D, steps_per_call=steps, dtype="float32",
                        cache_bytes={"exact_decode": bytes_["exact"], "gla_step": state_bytes,
