@@ -154,7 +154,8 @@ def _backward(plan: _Plan, q, k, v, out, lse, dout, dlse, bias_tensors, bias_nee
             pm = p.to(md)
             dv[:, :, k0:k1] += torch.matmul(pm.transpose(-1, -2), dot)
             dp = torch.matmul(dot, vt.transpose(-1, -2))
-            ds = (dp.sub_(dt) if dp.dtype == sd else torch.sub(dp, dt)).mul_(p)
+            # mixed-dtype elementwise ops take a slow path in torch: widen first, then work in place
+            ds = (dp if dp.dtype == sd else dp.to(sd)).sub_(dt).mul_(p)
             dsm = ds.to(md)
             dqt += torch.matmul(dsm, k[:, :, k0:k1])
             dk[:, :, k0:k1] += torch.matmul(dsm.transpose(-1, -2), qt)

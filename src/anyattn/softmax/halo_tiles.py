@@ -130,6 +130,7 @@ def _add_halos_(buf, grad, off, step, alpha=1.0):
     `ceil(Hk * width / step)` strided adds of non-overlapping windows."""
     m, hk, width = grad.shape
     rows = max(1, step // width)
+    grad = grad.to(buf.dtype)  # widen once: mixed-dtype in-place adds take a slow path in torch
     for r0 in range(0, hk, rows):
         w = min(rows, hk - r0)
         buf.as_strided((m, w, width), (step, width, 1), off + r0 * width).add_(grad[:, r0:r0 + w], alpha=alpha)
@@ -152,7 +153,7 @@ def _backward(groups, hk, scale, qt, kbuf, vbuf, d_v, dout, dlse):
         ds = torch._softmax_backward_data(torch.bmm(do, vh.transpose(1, 2)), p, -1, p.dtype)
         if dlse is not None:
             dl = _rows(dlse.unsqueeze(-1), g)
-            ds = ds.to(stat).addcmul_(p, dl).to(p.dtype)
+            ds = ds.to(stat).addcmul_(p.to(stat), dl).to(p.dtype)
         _put(dq, g, torch.bmm(ds, kh).mul_(scale))
         _add_halos_(dk, torch.bmm(ds.transpose(1, 2), qg), g.k_off, g.k_step, scale)
         _add_halos_(dv, torch.bmm(p.transpose(1, 2), do), g.v_off, g.v_step)
