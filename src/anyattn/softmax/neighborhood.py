@@ -54,6 +54,9 @@ BACKENDS = ("auto", "sdpa", "blocked")
 #: default_tiles' cost of a tile of Tq query rows, relative to its score entries: `1 + TILE_OVERHEAD / Tq`
 #: (small tiles make short matmuls; measured on CPU, see docs/neighborhood.md).
 TILE_OVERHEAD = 16.0
+#: ... and of gathering one key (and value) row for the inner axes' halos, in score entries (measured: a
+#: gathered row costs about as much as 20-40 score entries on the 2-core CPU)
+GATHER_COST = 40.0
 MAX_TILE_QUERIES = 512
 
 
@@ -96,7 +99,8 @@ def _axis_plan(n, k, d, s, causal, T, device):
 def default_tiles(shape, kernel_size, dilation, stride):
     """Query tile per axis (group coordinates, a multiple of the stride) minimizing a cost model: score
     entries (query rows x halo keys, halo `min(T + k - s, n_g)` per axis) times `1 + TILE_OVERHEAD / Tq`,
-    for tiles of at most `MAX_TILE_QUERIES` queries whose scores fit a cache-sized group."""
+    plus, in 2-D / 3-D, the inner axes' halo gather (`GATHER_COST` per gathered key row), for tiles of at
+    most `MAX_TILE_QUERIES` queries whose scores fit a cache-sized group."""
     m = len(shape)
     cands = []
     for n, k, d, s in zip(shape, kernel_size, dilation, stride):
@@ -117,7 +121,10 @@ def default_tiles(shape, kernel_size, dilation, stride):
                 hk *= min(T + k - s, ng)
             if tq * hk > 2 * GROUP_ELEMENTS and tq > 1:
                 return
-            cost = rows * hk * (1.0 + TILE_OVERHEAD / tq)
+            # inner axes: every key is copied hk_a / T_a times per axis (the halo gather)
+            copies = math.prod(min(T + k - s, -(-n // d)) / T for T, n, k, d, s in
+                               zip(chosen[1:], shape[1:], kernel_size[1:], dilation[1:], stride[1:]))
+            cost = rows * hk * (1.0 + TILE_OVERHEAD / tq) + (rows * copies * GATHER_COST if m > 1 else 0.0)
             if cost < best_cost:
                 best, best_cost = tuple(chosen), cost
             return
