@@ -65,9 +65,8 @@ def cases(quick: bool):
             if big:  # forward+backward is measured at N <= 4096 here and at N=8192 by workload `memory`
                 out[-1].backward = False
             if big:
-                for name in ("sdpa", "auto"):
-                    del out[-1].contenders[name]
-                    out[-1].skip[name] = "same kernel as torch_sdpa here (auto picks sdpa); measured at N <= 4096"
+                del out[-1].contenders["sdpa"]
+                out[-1].skip["sdpa"] = "the same kernel as torch_sdpa; measured at N <= 4096"
     return out
 
 
