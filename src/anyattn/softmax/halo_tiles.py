@@ -48,35 +48,6 @@ class Group:
     mask: torch.Tensor | None
 
 
-def runs(classes: list, size: int, min_uniform: int = 4) -> list:
-    """Split tiles `0..len(classes)-1` (class ids: equal ids = equal masks) into runs `(j0, j1, uniform)` of
-    at most `size` tiles: stretches of one class lasting at least `min(size, min_uniform)` tiles become
-    uniform runs (one mask serves them all); the tiles between them form mixed runs (a mask per tile)."""
-    n, need, out = len(classes), min(size, min_uniform), []
-    mixed = None
-
-    def flush(end):
-        for c0 in range(mixed, end, size):
-            c1 = min(c0 + size, end)
-            out.append((c0, c1, c1 - c0 == 1))
-
-    a = 0
-    for i in range(1, n + 1):
-        if i < n and classes[i] == classes[a]:
-            continue
-        if i - a >= need:
-            if mixed is not None:
-                flush(a)
-                mixed = None
-            out.extend((c0, min(c0 + size, i), True) for c0 in range(a, i, size))
-        elif mixed is None:
-            mixed = a
-        a = i
-    if mixed is not None:
-        flush(n)
-    return out
-
-
 def group_size(tq: int, hk: int) -> int:
     """Tiles per group for `(Tq, Hk)` scores: about `GROUP_ELEMENTS` entries."""
     return max(1, GROUP_ELEMENTS // (tq * hk))

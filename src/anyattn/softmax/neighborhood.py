@@ -46,7 +46,7 @@ from ..precision import matmul_dtype
 from ..tune import entry, neighborhood_key
 from ..validate import Shape, check_qkv, check_same_device_dtype, check_scale, check_tensor
 from .blocked import blocked_attention
-from .halo_tiles import GROUP_ELEMENTS, Group, additive, group_size, halo_attention, runs
+from .halo_tiles import GROUP_ELEMENTS, Group, additive, group_size, halo_attention
 from .sdpa import lse_supported, sdpa_attention
 
 BACKENDS = ("auto", "sdpa", "blocked")
