@@ -22,9 +22,9 @@ test: venv
 	$(PY) -m pytest -x -p no:cacheprovider
 
 # The tour of the families (workload `tour`), without the per-case memory subprocesses (`anyattn bench
-# softmax memory` measures memory).
+# softmax memory` measures memory), two seconds of timing per case, mode and dtype.
 demo: venv
-	$(VENV)/bin/anyattn bench tour --no-memory --out $(OUT)
+	$(VENV)/bin/anyattn bench tour --no-memory --budget 2 --out $(OUT)
 
 bench: demo
 

@@ -4,15 +4,16 @@ meets its strongest runnable peer, in float32 and bf16, forward and forward+back
 - masked + biased attention: causal ALiBi, N=4096: `auto` (FlashBias route: exact rank-2 factors through
   SDPA's fused kernel) against compiled FlexAttention (score_mod, causal block mask: its tightest) and
   torch SDPA with the dense bias a user would build;
-- neighborhood attention: 2-D 64x64, kernel 13: anyattn's engine against compiled FlexAttention with the
-  neighborhood block mask, NATTEN's CPU path and dense-masked SDPA;
+- neighborhood attention: 2-D 48x48, kernel 13: anyattn's engine against compiled FlexAttention with the
+  neighborhood block mask, NATTEN's CPU path (eager FlexAttention: N x N scores) and dense-masked SDPA;
 - the linear family: Gated DeltaNet, N=8192: the chunk engine against fla's `naive_chunk` reference and
   causal softmax attention (SDPA), the mixer it replaces;
 - decoding at 32k context: TokenSelect (published defaults) against exact decoding and torch SDPA.
 
 Each case names anyattn's contender and its peers in `params["compare"]`; the report prints a summary of
 speedups and errors and draws one figure (`report.summary`, `report.plot`). Sizes are kept so that the tour
-runs in about two minutes on 2 CPU cores (without the memory subprocesses: `make demo` passes --no-memory).
+runs in about two minutes on 2 quiet CPU cores (`make demo` passes --no-memory and --budget 2: two seconds
+of timing per case, mode and dtype).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def cases(quick: bool) -> list[Case]:
     # sdpa_unbiased stays in the table as the speed of light (no bias), not as a peer
     out = [_tag(alibi, f"causal ALiBi N={alibi.params['N']}", "auto", ["flex", "sdpa_dense_bias"])]
 
-    spatial, kernel = ((16, 16), 5) if quick else ((64, 64), 13)
+    spatial, kernel = ((16, 16), 5) if quick else ((48, 48), 13)
     na = neighborhood._case(NAME, spatial, kernel, H=2 if quick else 8, D=16 if quick else 64, flex=not quick)
     na.contenders.pop("auto", None)
     out.append(_tag(na, f"neighborhood 2-D {spatial[0]}x{spatial[1]} kernel {kernel}", "anyattn",
