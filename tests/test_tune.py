@@ -136,3 +136,11 @@ def test_tune_command_end_to_end(cache, capsys):
     assert main(["tune", "--quick", "--only", "linear", "--dtypes", "float32", "--budget", "0", "--no-progress"]) == 0
     data = json.loads(cache.read_text())
     assert data["entries"]["linear_chunk"] and data["entries"]["softmax_route"]
+
+
+def test_bias_classes_are_told_apart():
+    from anyattn.tune.keys import bias_kind
+    t5 = biases.RelativePosition.t5(torch.randn(32, 2), True, 128)
+    swin = biases.RelativePosition.swin(torch.randn(15 * 15, 2), (8, 8))
+    kinds = {bias_kind(t5), bias_kind(swin), bias_kind(biases.Alibi.geometric(2)), bias_kind(None)}
+    assert len(kinds) == 4

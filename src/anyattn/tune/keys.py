@@ -37,8 +37,13 @@ def mask_kind(mask) -> str:
     return "none" if mask is None else type(mask).__name__
 
 
+def _term_kind(t) -> str:
+    kind = getattr(t, "kind", None)  # RelativePosition: "t5", "swin", "custom"
+    return type(t).__name__ + (f":{kind}" if isinstance(kind, str) else "")
+
+
 def bias_kind(bias) -> str:
-    return "none" if bias is None else "+".join(sorted(type(t).__name__ for t in bias.terms()))
+    return "none" if bias is None else "+".join(sorted(_term_kind(t) for t in bias.terms()))
 
 
 def route_key(device, dtype, mask, bias, n_q: int, n_k: int, d: int, grad: bool) -> str:
