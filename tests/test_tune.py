@@ -105,7 +105,7 @@ def test_neighborhood_tiles_and_explain(cache):
     key = neighborhood_key(shape, ks, ones, ones, cs, torch.float32, "cpu")
     _write(cache, {"neighborhood_tile": {key: {"value": [16], "measured": {"[16]": 1.0, "[8]": 2.0}}}})
     assert tuned_tiles(shape, ks, ones, ones, cs, torch.float32, "cpu") == (16,)
-    assert tuned_tiles(shape, ks, ones, ones, cs, torch.bfloat16, "cpu") == default_tiles(shape, ks, ones, ones)
+    assert tuned_tiles(shape, ks, ones, ones, cs, torch.bfloat16, "cpu") == default_tiles(shape, ks, ones, ones, True)
     q, k, v = _qkv()
     e = anyattn.explain(q, k, v, mask=masks.Neighborhood(64, 9))
     assert e.method == "neighborhood" and "tile (16,) measured by `anyattn tune`" in e.reason

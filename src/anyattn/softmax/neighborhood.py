@@ -52,8 +52,10 @@ from .sdpa import lse_supported, sdpa_attention
 BACKENDS = ("auto", "sdpa", "blocked")
 
 #: default_tiles' cost of a tile of Tq query rows, relative to its score entries: `1 + TILE_OVERHEAD / Tq`
-#: (small tiles make short matmuls; measured on CPU, see docs/neighborhood.md).
+#: (small tiles make short matmuls; measured on CPU, see docs/neighborhood.md). bf16 matmuls run 4x faster,
+#: so the per-tile overheads weigh more: larger tiles win (1-D k=257: T=128 in bf16, 32-64 in fp32).
 TILE_OVERHEAD = 16.0
+TILE_OVERHEAD_LOW_PRECISION = 48.0
 #: ... and of gathering one key (and value) row for the inner axes' halos, in score entries (measured: a
 #: gathered row costs about as much as 20-40 score entries on the 2-core CPU)
 GATHER_COST = 40.0
@@ -96,12 +98,14 @@ def _axis_plan(n, k, d, s, causal, T, device):
 
 
 @lru_cache(maxsize=256)
-def default_tiles(shape, kernel_size, dilation, stride):
+def default_tiles(shape, kernel_size, dilation, stride, low_precision: bool = False):
     """Query tile per axis (group coordinates, a multiple of the stride) minimizing a cost model: score
     entries (query rows x halo keys, halo `min(T + k - s, n_g)` per axis) times `1 + TILE_OVERHEAD / Tq`,
     plus, in 2-D / 3-D, the inner axes' halo gather (`GATHER_COST` per gathered key row), for tiles of at
-    most `MAX_TILE_QUERIES` queries whose scores fit a cache-sized group."""
+    most `MAX_TILE_QUERIES` queries whose scores fit a cache-sized group. low_precision: bf16 matmuls
+    (`TILE_OVERHEAD_LOW_PRECISION`)."""
     m = len(shape)
+    overhead = TILE_OVERHEAD_LOW_PRECISION if low_precision else TILE_OVERHEAD
     cands = []
     for n, k, d, s in zip(shape, kernel_size, dilation, stride):
         ng = -(-n // d)
@@ -124,7 +128,7 @@ def default_tiles(shape, kernel_size, dilation, stride):
             # inner axes: every key is copied hk_a / T_a times per axis (the halo gather)
             copies = math.prod(min(T + k - s, -(-n // d)) / T for T, n, k, d, s in
                                zip(chosen[1:], shape[1:], kernel_size[1:], dilation[1:], stride[1:]))
-            cost = rows * hk * (1.0 + TILE_OVERHEAD / tq) + (rows * copies * GATHER_COST if m > 1 else 0.0)
+            cost = rows * hk * (1.0 + overhead / tq) + (rows * copies * GATHER_COST if m > 1 else 0.0)
             if cost < best_cost:
                 best, best_cost = tuple(chosen), cost
             return
@@ -493,7 +497,7 @@ def tuned_tiles(shape, ks, ds, ss, cs, dtype, device):
     rec = entry("neighborhood_tile", neighborhood_key(shape, ks, ds, ss, cs, dtype, device))
     if rec is not None and len(rec["value"]) == len(shape):
         return tuple(int(t) for t in rec["value"])
-    return default_tiles(tuple(shape), ks, ds, ss)
+    return default_tiles(tuple(shape), ks, ds, ss, matmul_dtype(dtype, device) in (torch.bfloat16, torch.float16))
 
 
 def explain_tiles(req) -> str:
@@ -505,7 +509,8 @@ def explain_tiles(req) -> str:
     if rec is not None:
         quoted = ", ".join(f"{t} {ms:.1f} ms" for t, ms in sorted(rec.get("measured", {}).items(), key=lambda x: x[1]))
         return f"tile {tuple(rec['value'])} measured by `anyattn tune` ({quoted})"
-    tiles = default_tiles(spec.shape, spec.kernel_size, spec.dilation, spec.stride)
+    tiles = tuned_tiles(spec.shape, spec.kernel_size, spec.dilation, spec.stride, spec.is_causal, req.q.dtype,
+                        req.q.device)
     return f"tile {tiles} from the built-in cost model (no tune-cache entry for {key})"
 
 

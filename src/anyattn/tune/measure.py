@@ -177,8 +177,8 @@ def _neighborhood_configs(quick):
 
 def _tile_candidates(shape, ks, ds, ss):
     from anyattn.softmax.neighborhood import MAX_TILE_QUERIES, default_tiles
+    out = {default_tiles(shape, ks, ds, ss, low) for low in (False, True)}
     base = default_tiles(shape, ks, ds, ss)
-    out = {base}
     for a in range(len(shape)):
         for f in (0.5, 2):
             t = list(base)
