@@ -8,7 +8,7 @@ from ..case import Case
 from ..peers import add_flex, attention_flops
 
 DESCRIPTIONS = {
-    "softmax": "exact attention, B=1 H=8 D=64, N in {1024, 4096, 16384}, causal and not (the default report)",
+    "softmax": "exact attention, B=1 H=8 D=64, N in {1024, 4096, 16384}, causal and not",
     "overhead": "per-call overhead of auto over calling torch SDPA directly, N=128 (decoding-sized calls)",
     "memory": "forward+backward peak memory of blocked vs reference vs SDPA at N=8192",
 }
