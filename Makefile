@@ -21,8 +21,10 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest -x -p no:cacheprovider
 
+# The tour of the families (workload `tour`), without the per-case memory subprocesses (`anyattn bench
+# softmax memory` measures memory), two seconds of timing per case, mode and dtype.
 demo: venv
-	$(VENV)/bin/anyattn bench --out $(OUT)
+	$(VENV)/bin/anyattn bench tour --no-memory --budget 2 --out $(OUT)
 
 bench: demo
 

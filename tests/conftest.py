@@ -5,6 +5,9 @@ import torch
 from hypothesis import settings
 
 from device_mode import TEST_DEVICE, DeviceMode
+# Tests never read a tune cache of the machine (`anyattn tune`): auto's built-in rules are what they check;
+# tests/test_tune.py points the cache at temporary files.
+os.environ["ANYATTN_TUNE_CACHE"] = "none"
 
 # Keep property-based tests fast and deterministic on 2 cores.
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True, print_blob=True)

@@ -3,7 +3,8 @@
 1. A static audit: tensor factories in `src/anyattn` pass `device=` (or `**kwargs`), and host round
    trips (`.cpu()`, `.numpy()`) are deliberate; a line that builds on the host on purpose says why in a
    `# host:` comment. Exempt: `nn/` (module parameters are built on the host and moved with `.to()`, as
-   in torch.nn), `bench/` (workloads build their inputs for `--device`) and `cli.py`.
+   in torch.nn), `bench/` (workloads build their inputs for `--device`), `tune/measure.py` (`anyattn tune`
+   measures this machine's CPU) and `cli.py`.
 2. The `meta` device runs the CUDA code paths for shapes: `sdpa`'s LSE path there is the CUDA
    memory-efficient kernel's (forward and backward, with and without the LSE's gradient), and every
    tensor an engine creates must be on the inputs' device or the call fails.
@@ -23,7 +24,7 @@ SRC = pathlib.Path(anyattn.__file__).parent
 FACTORIES = {"arange", "empty", "zeros", "ones", "full", "rand", "randn", "randint", "randperm", "tensor",
              "as_tensor", "eye", "linspace", "logspace", "empty_strided", "scalar_tensor", "tril_indices",
              "triu_indices"}
-EXEMPT = ("nn/", "bench/", "cli.py")
+EXEMPT = ("nn/", "bench/", "tune/measure.py", "cli.py")
 
 
 def _sources():

@@ -1,7 +1,8 @@
-"""`anyattn bench | check | explain` command line."""
+"""`anyattn bench | check | explain | tune` command line."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -13,16 +14,13 @@ def _bench(args):
         for n, (_, desc) in sorted(registry().items()):
             print(f"{n:<12} {desc}")
         return 0
-    import os
     os.environ["ANYATTN_BENCH_OUT"] = args.out    # workloads that write extra files (plots) put them there
-    chosen = args.workloads or ["softmax"]
+    chosen = args.workloads or ["tour"]
     unknown = [w for w in chosen if w not in names()]
     if unknown:
         print(f"unknown workload(s) {unknown}; available: {names()}", file=sys.stderr)
         return 2
     if args.device is not None:
-        import os
-
         import torch
         from .bench.device import ENV
         if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
@@ -33,12 +31,45 @@ def _bench(args):
         import torch
         torch.set_num_threads(args.threads)
         os.environ["ANYATTN_BENCH_THREADS"] = str(args.threads)  # for the memory subprocesses
+    dtypes = _dtypes(args.dtypes)
     results = runner.run(chosen, quick=args.quick, memory=not args.no_memory, budget_s=args.budget,
-                         progress=not args.no_progress, memory_max_s=args.memory_max)
+                         progress=not args.no_progress, memory_max_s=args.memory_max, dtypes=dtypes)
     print(report.table(results))
+    text = report.summary(results)
+    if text:
+        print(text)
     path = report.write_json(results, args.out)
     png = report.plot(results, args.out)
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+    return 0
+
+
+def _dtypes(text: str) -> tuple:
+    out = tuple(d.strip() for d in text.split(",") if d.strip())
+    bad = [d for d in out if d not in ("float32", "bfloat16", "float16")]
+    if bad:
+        raise SystemExit(f"--dtypes must list float32, bfloat16 or float16, got {bad}")
+    return out
+
+
+def _tune(args):
+    import torch
+
+    from .tune import cache_path
+    from .tune.measure import SECTIONS, run
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.cache:
+        os.environ["ANYATTN_TUNE_CACHE"] = args.cache
+    sections = tuple(s.strip() for s in args.only.split(",")) if args.only else SECTIONS
+    if cache_path() is None:
+        print("the tune cache is disabled (ANYATTN_TUNE_CACHE is empty or 'none'); pass --cache PATH", file=sys.stderr)
+        return 2
+    path, entries = run(sections, dtypes=_dtypes(args.dtypes), quick=args.quick, budget_s=args.budget,
+                        progress=not args.no_progress)
+    n = sum(len(v) for v in entries.values())
+    print(f"wrote {n} measured entries to {path} (read by method='auto', the blocked engine's block sizes and the "
+          "neighborhood engine's tiles; anyattn explain quotes them; delete the file to return to the defaults)")
     return 0
 
 
@@ -85,7 +116,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="anyattn", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="time methods and peers side by side (table, JSON, PNG)")
-    b.add_argument("workloads", nargs="*", help="workload names (default: softmax); --list shows them")
+    b.add_argument("workloads", nargs="*", help="workload names (default: tour, the demo); --list shows them")
     b.add_argument("--list", action="store_true", help="list workloads and exit")
     b.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     b.add_argument("--out", default="bench-out", help="output folder for results.json and bench.png")
@@ -96,8 +127,21 @@ def main(argv=None) -> int:
     b.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     b.add_argument("--device", default=None, help="device to run on, e.g. cuda (default: cpu); inputs are moved "
                    "there, times synchronize it, GPU memory is torch.cuda.max_memory_allocated")
+    b.add_argument("--dtypes", default="float32,bfloat16",
+                   help="comma-separated dtypes every case runs in (float32 first; the others cast its inputs)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(fn=_bench)
+    t = sub.add_parser("tune", help="measure this machine's crossovers into the tune cache that auto reads")
+    t.add_argument("--only", default=None, help="comma-separated sections: softmax, bias, neighborhood, linear "
+                                                "(default: all)")
+    t.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes to measure")
+    t.add_argument("--budget", type=float, default=3.0, help="seconds of timing per measurement (sets repeats)")
+    t.add_argument("--cache", default=None, help="cache file (default: $ANYATTN_TUNE_CACHE, else "
+                                                 "~/.cache/anyattn/tune.json)")
+    t.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test; the numbers mean nothing)")
+    t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(fn=_tune)
     c = sub.add_parser("check", help="every exact method against the float64 reference")
     c.set_defaults(fn=_check)
     e = sub.add_parser("explain", help="what method='auto' picks for a shape and mask, and why")

@@ -20,13 +20,19 @@ def finite_or_zero(m: torch.Tensor) -> torch.Tensor:
 EXP_FLOOR = -80.0
 
 
+#: exp(x) = 2 ** (x * LOG2E): torch's CPU exp2 kernel is about 3x faster than its exp kernel (both within
+#: 1 ulp); the product adds a relative error of at most |x| * 2**-24 (fp32), i.e. below 1e-6 for the
+#: weights that matter (x > -20) and far below everything else.
+LOG2E = 1.4426950408889634
+
+
 def exp_shifted_(s: torch.Tensor, shift: torch.Tensor, floor: bool, allowed: torch.Tensor | None) -> torch.Tensor:
     """In place `exp(s - shift)`; with `floor`, exponents are clamped at EXP_FLOOR and entries not
     `allowed` (the masked ones, -inf in s) are set back to exactly 0."""
     s.sub_(shift)
     if floor:
         s.clamp_(min=EXP_FLOOR)
-    s.exp_()
+    s.mul_(LOG2E).exp2_()
     if floor and allowed is not None:
         s.masked_fill_(~allowed, 0.0)
     return s

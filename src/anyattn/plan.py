@@ -12,6 +12,9 @@ Rules (exact methods only unless the caller passes `tolerance=`):
    turns it off, as for the compiled selective scan);
 4. otherwise `blocked`, which handles every mask and bias spec with tile skipping in O(N) memory.
 
+After `anyattn tune`, a measured winner for the request's class (`anyattn.tune.measured_route`) replaces
+these rules when it can run the request; the explanation quotes the timings.
+
 With a bias (`_choose_bias`), three routes compete:
 - `lowrank_bias` when the bias has an exact low-rank form under the mask (causal ALiBi, SpatialDistance,
   Factored, sums of those) that is precise and cheap: the fused kernel runs at head dim
@@ -29,6 +32,7 @@ import torch
 
 from .masks import Causal, Neighborhood
 from .registry import Request, get
+from .tune import measured_route
 
 MAX_SDPA_MASK_ELEMENTS = 1 << 24
 MAX_SDPA_BIAS_ELEMENTS = 1 << 24  # materialize an analytic bias for SDPA only up to this (64 MiB in fp32)
@@ -48,6 +52,7 @@ def choose_approximate(req: Request, tolerance: float):
 class Explanation:
     method: str
     reason: str
+    measured: dict | None = None  # the tune-cache record behind a measured choice
 
     def __str__(self):
         return f"{self.method}: {self.reason}"
@@ -60,6 +65,9 @@ def choose(req: Request, tolerance: float | None = None) -> Explanation:
         pick = choose_approximate(req, float(tolerance))
         if pick is not None:
             return pick
+    hit = measured_route(req)
+    if hit is not None:
+        return Explanation(*hit)
     sh = req.shape
     if req.mask is None and req.bias is None:
         if not _lse_ok(req):
@@ -67,8 +75,10 @@ def choose(req: Request, tolerance: float | None = None) -> Explanation:
                                   f"{req.q.device.type}")
         return Explanation("sdpa", "no mask or bias: torch SDPA's fused kernel applies" + _on(req))
     if isinstance(req.mask, Neighborhood) and req.bias is None:
-        from .softmax.neighborhood import backend_choice
-        return Explanation("neighborhood", "a Neighborhood spec: " + backend_choice(req.q, req.return_lse).reason)
+        from .softmax.neighborhood import backend_choice, explain_tiles
+        choice = backend_choice(req.q, req.return_lse)
+        tiles = f" ({explain_tiles(req)})" if choice.backend == "anyattn" else ""
+        return Explanation("neighborhood", "a Neighborhood spec: " + choice.reason + tiles)
     if req.bias is not None:
         return _choose_bias(req)
     reason = get("sdpa").supports(req)

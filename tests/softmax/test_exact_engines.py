@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import anyattn
 from anyattn import masks
-from helpers import check_against_oracle, make_qkv
+from helpers import TOL, check_against_oracle, make_qkv
 
 
 def mask_zoo(B, N_q, N_k, draw_seed=0):
@@ -76,7 +76,9 @@ def test_low_precision(dtype, method, mask_name):
     q, k, v = make_qkv(2, 4, 2, 19, 45, 16, 16, dtype=dtype)
     mask = mask_zoo(2, 19, 45)[mask_name]
     opts = {"block_q": 8, "block_k": 16} if method == "blocked" else {}
-    check_against_oracle(method, q, k, v, mask=mask, **opts)
+    # fp16 inputs run bf16 matmuls on CPU (anyattn.precision): bf16-sized errors.
+    tol = TOL[torch.bfloat16] if method == "blocked" and dtype == torch.float16 else None
+    check_against_oracle(method, q, k, v, mask=mask, tol=tol, **opts)
 
 
 @pytest.mark.parametrize("method", ["blocked", "sdpa", "auto"])

@@ -123,11 +123,12 @@ def test_against_brute_force_outputs_and_grads(shape, ks, ds, ss, cs):
                              lambda: reference(q, k, v, shape, ks, ds, ss, cs), [q, k, v])
 
 
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "blocked"])
 @pytest.mark.parametrize("tile", [1, 2, 3, 5])
-def test_any_tile_gives_the_same_result(tile):
+def test_any_tile_gives_the_same_result(tile, backend):
     q, k, v = _qkv(1, 2, (13, 7), 4)
     ref = reference(q, k, v, (13, 7), (4, 3), (1, 2), (2, 1), (False, True))
-    out = neighborhood(q, k, v, (4, 3), (1, 2), (2, 1), (False, True), tile=tile)
+    out = neighborhood(q, k, v, (4, 3), (1, 2), (2, 1), (False, True), tile=tile, backend=backend)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
 
 
@@ -153,7 +154,7 @@ def test_property_random_configs(cfg, seed):
                              lambda: reference(q, k, v, shape, ks, ds, ss, cs), [q, k, v])
 
 
-@pytest.mark.parametrize("backend", ["auto", "blocked"])
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "blocked"])
 def test_lse_additional_kv_gqa_dv(backend):
     shape, ks, ds, ss, cs = (7, 9), (3, 4), (2, 2), (2, 3), (True, False)
     q, k, v = _qkv(2, 4, shape, 8, H_kv=2, D_v=6)

@@ -7,8 +7,15 @@ A workload is a module in `anyattn.bench.workloads` that defines
     def cases(quick: bool) -> list[Case]  # quick=True: small sizes for tests / smoke runs
 
 The runner times every contender of a case in one process, alternating between them, and reports
-medians, the ratio to `baseline`, GFLOP/s against the measured matmul roofline, the error against
-`exact`, and peak memory measured in a fresh subprocess per (case, contender, mode).
+medians, the ratio to `baseline`, GFLOP/s against the measured matmul roofline of the dtype, the error
+against `exact`, and peak memory measured in a fresh subprocess per (case, contender, mode).
+
+Every case is timed forward and forward+backward (unless `backward=False`), in float32 and again in
+each low-precision dtype the runner is asked for (`anyattn bench --dtypes`, default float32 and
+bfloat16): the runner casts the float32 tensors of `make_inputs` (the dict's values) to that dtype, so a
+workload needs no code for it. A case whose inputs hold tensors inside objects gives
+`make_inputs_dtype(requires_grad, dtype)`; one that cannot run in low precision at all (work done in other
+processes) says so with `dtypes=("float32",)` and `low_precision_note`.
 """
 from __future__ import annotations
 
@@ -43,6 +50,10 @@ class Case:
         A case may have metrics and no contenders.
     memory_skip: contenders whose peak memory the memory subprocess cannot see (e.g. work done in
         other processes), with the reason.
+    dtypes: the dtypes this case runs in (None: all the runner's); low_precision_note: why not.
+    make_inputs_dtype(requires_grad, dtype): inputs in a low-precision dtype, for inputs the runner cannot
+        cast itself (default: `make_inputs` with its float32 tensors cast).
+    low_precision_skip: contenders not run in low precision, with the reason (e.g. a float32-only peer).
     """
 
     workload: str
@@ -61,6 +72,22 @@ class Case:
     setup_seconds: dict[str, float] = field(default_factory=dict)
     metrics: Callable[[], dict] | None = None
     memory_skip: dict[str, str] = field(default_factory=dict)
+    dtypes: tuple | None = None
+    low_precision_note: str = ""
+    make_inputs_dtype: Callable[[bool, torch.dtype], Inputs] | None = None
+    low_precision_skip: dict[str, str] = field(default_factory=dict)
+
+
+def cast_inputs(inputs: Inputs, dtype: torch.dtype) -> tuple[Inputs, int]:
+    """Inputs with their float32 tensors cast to `dtype` (leaves that took gradients stay leaves that
+    take them); returns `(inputs, number of tensors cast)`."""
+    out, n = {}, 0
+    for name, x in inputs.items():
+        if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
+            x = x.detach().to(dtype).requires_grad_(x.requires_grad)
+            n += 1
+        out[name] = x
+    return out, n
 
 
 def first_tensor(out) -> torch.Tensor:

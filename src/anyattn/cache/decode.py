@@ -10,6 +10,12 @@ which pays off when `B * H_kv` is smaller than the number of parallel workers.
 With `policy="tokenselect"` the step attends to the selected subset (see `tokenselect.py`); with
 `compress="pca"` queries are projected into each KV head's basis and outputs back-projected (see
 `pca.py`); with `quantize="int8"` stored keys/values are dequantized inside the step (see `int8.py`).
+
+Precision: a bf16 / fp16 cache keeps its keys and values in that dtype; every path multiplies in the
+matmul dtype of `anyattn.precision` (bf16 on CPU) and keeps softmax statistics, LSEs and accumulators in
+fp32 (the exact path through `anyattn.attention`; TokenSelect's votes; the int8 path's online softmax);
+PCA projections run in fp32. Outputs come back in the cache's dtype. Measured errors against float64
+are in docs/decoding.md and bounded in tests/cache/test_decode_precision.py.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import torch
 
 from ..api import attention
 from ..lse import NEG_INF, finish, finite_or_zero, merge
+from ..precision import matmul_dtype, stat_dtype
 from ..validate import FLOAT_DTYPES, check_scale, check_tensor
 from . import tokenselect as ts
 from .kv_cache import KVCache
@@ -116,24 +123,26 @@ def _exact(qf, gi, cache, T, G, scale, num_splits, scratch, need_lse):
 
 
 def _int8_exact(qf, g, cache, T, G, scale, scratch):
-    """Attention over an int8 cache, chunk by chunk (about `INT8_CHUNK_BYTES` of float per operand) with an
-    online softmax. The per-token scales are applied to the scores and to the probabilities,
+    """Attention over an int8 cache, chunk by chunk (about `INT8_CHUNK_BYTES` per operand) with an online
+    softmax. The per-token scales are applied to the scores and to the probabilities,
     `s_j = scale * ks_j * (q . k8_j)` and `o = sum_j p_j vs_j v8_j`, so each chunk is only converted
-    int8 -> float once (into a reused buffer)."""
+    int8 -> matmul dtype once (into a reused buffer). Matmul operands in `matmul_dtype` (bf16 for bf16 /
+    fp16 caches on CPU), scores, statistics and the accumulator in fp32 (fp64 for fp64 caches)."""
     L = cache.max_length
     full = T == 1 and cache.uniform
-    cdt = torch.promote_types(cache.dtype, torch.float32)
-    q = qf.to(cdt)
+    cdt = stat_dtype(cache.dtype)
+    md = matmul_dtype(cache.dtype, qf.device)
+    q = qf.to(md)
     B, h, R, _ = q.shape
     m_run = torch.full((B, h, R), NEG_INF, dtype=cdt, device=q.device)
     l_run = torch.zeros(B, h, R, dtype=cdt, device=q.device)
     acc = torch.zeros(B, h, R, g.d_v, dtype=cdt, device=q.device)
-    chunk = INT8_CHUNK or max(256, INT8_CHUNK_BYTES // (B * h * max(g.d_k, g.d_v) * 4))
+    chunk = INT8_CHUNK or max(256, INT8_CHUNK_BYTES // (B * h * max(g.d_k, g.d_v) * md.itemsize))
     for lo in range(0, L, chunk):
         hi = min(L, lo + chunk)
-        kf = g.scratch("ik", (B, h, hi - lo, g.d_k), cdt, scratch)
-        kf = g.k[:, :, lo:hi].to(cdt) if kf is None else kf.copy_(g.k[:, :, lo:hi])
-        s = torch.matmul(kf, q.transpose(-1, -2)).transpose(-1, -2)  # (B, h, R, n)
+        kf = g.scratch("ik", (B, h, hi - lo, g.d_k), md, scratch)
+        kf = g.k[:, :, lo:hi].to(md) if kf is None else kf.copy_(g.k[:, :, lo:hi])
+        s = torch.matmul(kf, q.transpose(-1, -2)).transpose(-1, -2).to(cdt)  # (B, h, R, n)
         s = s * (scale * g.k_scale[:, :, None, lo:hi].to(cdt))
         m = _mask(cache.lengths, lo, hi, T, G, full)
         if m is not None:
@@ -143,9 +152,9 @@ def _int8_exact(qf, g, cache, T, G, scale, scratch):
         alpha = torch.exp(m_run - m_safe)
         p = torch.exp(s - m_safe[..., None])
         l_run = l_run * alpha + p.sum(dim=-1)
-        vf = g.scratch("iv", (B, h, hi - lo, g.d_v), cdt, scratch)
-        vf = g.v[:, :, lo:hi].to(cdt) if vf is None else vf.copy_(g.v[:, :, lo:hi])
-        acc = acc * alpha[..., None] + torch.matmul(p * g.v_scale[:, :, None, lo:hi].to(cdt), vf)
+        vf = g.scratch("iv", (B, h, hi - lo, g.d_v), md, scratch)
+        vf = g.v[:, :, lo:hi].to(md) if vf is None else vf.copy_(g.v[:, :, lo:hi])
+        acc = acc * alpha[..., None] + torch.matmul((p * g.v_scale[:, :, None, lo:hi].to(cdt)).to(md), vf)
         m_run = m_new
     out, lse = finish(m_run, l_run, acc)
     return out.to(cache.dtype), lse

@@ -3,7 +3,7 @@
 
 The grid `(n_1, ..., n_m)` is sharded along its first axis, contiguous: rank r holds rows
 `[r n, (r + 1) n)`, n = n_1 / W. The window rule is evaluated in global coordinates
-(`neighborhood_mask.window`), so windows shift only at the global borders. Each rank needs a *slab* of
+(`masks.neighborhood.window`), so windows shift only at the global borders. Each rank needs a *slab* of
 key rows `[start, end)` around its own: every key row its queries' windows touch, and the rows of
 their stride leaders (the rule places a window from its leader). `start` is aligned down to a multiple
 of `dilation * stride` (rows): the slab then has the global grid's dilation groups and stride blocks,
@@ -22,10 +22,7 @@ import math
 
 import torch
 
-try:  # the per-axis window rule (neighborhood_mask.py, or masks/neighborhood.py where masks is a package)
-    from ..neighborhood_mask import group_sizes, normalize_args, window
-except ImportError:  # pragma: no cover
-    from ..masks.neighborhood import group_sizes, normalize_args, window
+from ..masks.neighborhood import group_sizes, normalize_args, window
 from ..softmax.neighborhood import neighborhood as local_neighborhood
 from .comm import as_comm
 from .layout import Layout, check_layout

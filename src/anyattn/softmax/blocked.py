@@ -7,7 +7,12 @@ outside a mask's tile range are skipped; tiles inside its full range are not mas
 Analytic biases are evaluated per tile; their gradients reach every tensor the bias depends on.
 
 Grouped-query attention runs on the `(B, H_kv, G * Tq, D)` view: the G query heads of a key head
-share each key tile's matmul. Low-precision inputs are computed in float32.
+share each key tile's matmul.
+
+Precision (`anyattn.precision`): the matmul operands are in `matmul_dtype` (bf16 for bf16 / fp16 inputs on
+CPU: the GEMMs accumulate in fp32 and round their products to bf16 once); scores are widened to fp32 before
+the bias, the mask and the softmax; the running max and sum, the output accumulator, the LSE and the
+gradient accumulators are fp32. Outputs come back in the input dtype.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import torch
 
 from ..lse import NEG_INF, exp_shifted_, finish, online_softmax_step
 from ..masks import Mask, Span
+from ..precision import matmul_dtype, stat_dtype
 from ..validate import Shape
 
 DEFAULT_BLOCK_Q = 256
@@ -32,6 +38,7 @@ class _Plan:
     block_q: int
     block_k: int
     spans: list
+    stat: torch.dtype  # dtype of scores, statistics and accumulators (fp32 or fp64)
 
 
 def _segments(span: Span, block_k: int, masked: bool):
@@ -62,6 +69,8 @@ def _scores(plan: _Plan, qt, k, q0, q1, k0, k1, needs_mask, bias_tensors):
     """Scores of one tile with bias added and masked entries at -inf; also the tile's allowed mask in
     row layout (None when the tile needs no mask)."""
     s = torch.matmul(qt, k[:, :, k0:k1].transpose(-1, -2))
+    if s.dtype != plan.stat:
+        s = s.to(plan.stat)
     tq = q1 - q0
     allowed = None
     if plan.bias is not None:
@@ -73,28 +82,31 @@ def _scores(plan: _Plan, qt, k, q0, q1, k0, k1, needs_mask, bias_tensors):
     return s, allowed
 
 
-def _q_tile(qg, q0, q1, scale):
-    """Scaled query rows of one tile: `(B, H_kv, G*Tq, D)`."""
+def _q_tile(qg, q0, q1, scale, stat):
+    """Scaled query rows of one tile: `(B, H_kv, G*Tq, D)` in q's dtype (scaled in `stat`, rounded once)."""
     B, Hkv, G, _, D = qg.shape
-    return (qg[:, :, :, q0:q1] * scale).reshape(B, Hkv, G * (q1 - q0), D)
+    qt = qg[:, :, :, q0:q1]
+    qt = qt * scale if qt.dtype == stat else (qt.to(stat) * scale).to(qt.dtype)
+    return qt.reshape(B, Hkv, G * (q1 - q0), D)
 
 
 def _forward(plan: _Plan, q, k, v, bias_tensors):
     sh = plan.shape
     G = sh.groups
     qg = q.unflatten(1, (sh.H_kv, G))
-    out = q.new_zeros(sh.B, sh.H_kv, G, sh.N_q, sh.D_v)
-    lse = q.new_full((sh.B, sh.H_kv, G, sh.N_q), NEG_INF)
+    sd = plan.stat
+    out = q.new_zeros(sh.B, sh.H_kv, G, sh.N_q, sh.D_v, dtype=sd)
+    lse = q.new_full((sh.B, sh.H_kv, G, sh.N_q), NEG_INF, dtype=sd)
     masked = plan.mask is not None
     for (q0, span) in zip(range(0, sh.N_q, plan.block_q), plan.spans):
         q1 = min(q0 + plan.block_q, sh.N_q)
         tq = q1 - q0
         if span.hi <= span.lo:
             continue
-        qt = _q_tile(qg, q0, q1, plan.scale)
-        m = q.new_full((sh.B, sh.H_kv, G * tq), NEG_INF)
-        l = q.new_zeros((sh.B, sh.H_kv, G * tq))
-        acc = q.new_zeros((sh.B, sh.H_kv, G * tq, sh.D_v))
+        qt = _q_tile(qg, q0, q1, plan.scale, sd)
+        m = q.new_full((sh.B, sh.H_kv, G * tq), NEG_INF, dtype=sd)
+        l = q.new_zeros((sh.B, sh.H_kv, G * tq), dtype=sd)
+        acc = q.new_zeros((sh.B, sh.H_kv, G * tq, sh.D_v), dtype=sd)
         for k0, k1, needs_mask in _segments(span, plan.block_k, masked):
             s, allowed = _scores(plan, qt, k, q0, q1, k0, k1, needs_mask, bias_tensors)
             m, l, acc = online_softmax_step(s, m, l, acc, v[:, :, k0:k1], plan.bias is not None, allowed)
@@ -105,19 +117,22 @@ def _forward(plan: _Plan, q, k, v, bias_tensors):
 
 
 def _backward(plan: _Plan, q, k, v, out, lse, dout, dlse, bias_tensors, bias_needs_grad):
+    """out, lse, dout, dlse in the statistics dtype; q, k, v in the matmul dtype. Returns fp32 (fp64)
+    gradients."""
     sh = plan.shape
     G = sh.groups
+    sd, md = plan.stat, q.dtype
     qg = q.unflatten(1, (sh.H_kv, G))
-    dog = dout.unflatten(1, (sh.H_kv, G))
+    dog = dout.to(md).unflatten(1, (sh.H_kv, G))
     delta = (dout * out).sum(-1)
     if dlse is not None:
         delta = delta - dlse
     delta = delta.unflatten(1, (sh.H_kv, G))
     # Rows that saw no key have LSE -inf: use +inf so their probabilities recompute to 0, not NaN.
     lse_safe = torch.where(lse == NEG_INF, torch.full_like(lse, float("inf")), lse).unflatten(1, (sh.H_kv, G))
-    dq = torch.zeros_like(qg)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
+    dq = torch.zeros_like(qg, dtype=sd)
+    dk = torch.zeros_like(k, dtype=sd)
+    dv = torch.zeros_like(v, dtype=sd)
     dbias = [None] * len(bias_tensors)
     leaves = [t.detach().requires_grad_(g) for t, g in zip(bias_tensors, bias_needs_grad)]
     want = [i for i, g in enumerate(bias_needs_grad) if g]
@@ -127,19 +142,23 @@ def _backward(plan: _Plan, q, k, v, out, lse, dout, dlse, bias_tensors, bias_nee
         tq = q1 - q0
         if span.hi <= span.lo:
             continue
-        qt = _q_tile(qg, q0, q1, plan.scale)
+        qt = _q_tile(qg, q0, q1, plan.scale, sd)
         dot = dog[:, :, :, q0:q1].reshape(sh.B, sh.H_kv, G * tq, sh.D_v)
         lt = lse_safe[:, :, :, q0:q1].reshape(sh.B, sh.H_kv, G * tq, 1)
         dt = delta[:, :, :, q0:q1].reshape(sh.B, sh.H_kv, G * tq, 1)
-        dqt = torch.zeros_like(qt)
+        dqt = torch.zeros_like(qt, dtype=sd)
         for k0, k1, needs_mask in _segments(span, plan.block_k, masked):
             s, allowed = _scores(plan, qt, k, q0, q1, k0, k1, needs_mask, leaves)
             p = exp_shifted_(s, lt, plan.bias is not None, allowed)
             vt = v[:, :, k0:k1]
-            dv[:, :, k0:k1] += torch.matmul(p.transpose(-1, -2), dot)
-            ds = torch.matmul(dot, vt.transpose(-1, -2)).sub_(dt).mul_(p)
-            dqt += torch.matmul(ds, k[:, :, k0:k1])
-            dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qt)
+            pm = p.to(md)
+            dv[:, :, k0:k1] += torch.matmul(pm.transpose(-1, -2), dot)
+            dp = torch.matmul(dot, vt.transpose(-1, -2))
+            # mixed-dtype elementwise ops take a slow path in torch: widen first, then work in place
+            ds = (dp if dp.dtype == sd else dp.to(sd)).sub_(dt).mul_(p)
+            dsm = ds.to(md)
+            dqt += torch.matmul(dsm, k[:, :, k0:k1])
+            dk[:, :, k0:k1] += torch.matmul(dsm.transpose(-1, -2), qt)
             if want:
                 with torch.enable_grad():
                     bt = plan.bias.tile(leaves, q0, q1, k0, k1, sh.N_q, sh.N_k)
@@ -158,8 +177,14 @@ def _backward(plan: _Plan, q, k, v, out, lse, dout, dlse, bias_tensors, bias_nee
 
 
 class _BlockedAttention(torch.autograd.Function):
+    """q, k, v in the input dtype (cast to the matmul dtype inside, so gradients are rounded once, from
+    fp32 to the input dtype); returns out and lse in the statistics dtype."""
+
     @staticmethod
     def forward(ctx, plan: _Plan, q, k, v, *bias_tensors):
+        md = matmul_dtype(q.dtype, q.device)
+        ctx.in_dtype = q.dtype
+        q, k, v = q.to(md), k.to(md), v.to(md)
         out, lse = _forward(plan, q, k, v, bias_tensors)
         ctx.plan = plan
         ctx.save_for_backward(q, k, v, out, lse, *bias_tensors)
@@ -173,14 +198,15 @@ class _BlockedAttention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         bias_needs_grad = list(ctx.needs_input_grad[4:])
         dq, dk, dv, dbias = _backward(ctx.plan, q, k, v, out, lse, dout, dlse, bias_tensors, bias_needs_grad)
+        dq, dk, dv = (g.to(ctx.in_dtype) for g in (dq, dk, dv))
         dbias = [d.to(t.dtype) if d is not None else None for d, t in zip(dbias, bias_tensors)]
         return (None, dq, dk, dv, *dbias)
 
 
-def _make_plan(mask, bias, scale, shape, block_q, block_k) -> _Plan:
+def _make_plan(mask, bias, scale, shape, block_q, block_k, stat) -> _Plan:
     spans = mask.tile_ranges(shape.N_q, shape.N_k, block_q) if mask is not None else \
         [Span(0, shape.N_k, 0, shape.N_k)] * ((shape.N_q + block_q - 1) // block_q)
-    return _Plan(shape, scale, mask, bias, block_q, block_k, spans)
+    return _Plan(shape, scale, mask, bias, block_q, block_k, spans, stat)
 
 
 def blocked_block_backward(q, k, v, out, lse, dout, dlse, mask, bias, scale: float, shape: Shape,
@@ -190,7 +216,7 @@ def blocked_block_backward(q, k, v, out, lse, dout, dlse, mask, bias, scale: flo
     global probabilities, and `delta = rowsum(dout * out) - dlse`. Inputs in float32/float64 (the
     work dtype); dlse may be None. Returns `(dq, dk, dv, dbias)` with dbias one gradient (or None when
     not required) per `bias.tensors()`."""
-    plan = _make_plan(mask, bias, scale, shape, block_q, block_k)
+    plan = _make_plan(mask, bias, scale, shape, block_q, block_k, stat_dtype(q.dtype))
     bias_tensors = tuple(bias.tensors()) if bias is not None else ()
     needs = [t.requires_grad for t in bias_tensors]
     dq, dk, dv, dbias = _backward(plan, q, k, v, out, lse, dout, dlse, [t.detach() for t in bias_tensors], needs)
@@ -203,8 +229,7 @@ def blocked_attention(q, k, v, mask, bias, scale: float, shape: Shape,
     mask: a `masks.Mask` or None; bias: a `biases.Bias` or None. Returns out `(B, H, N_q, D_v)` in q's
     dtype and lse `(B, H, N_q)` in float32 (float64 for float64 inputs)."""
     dtype = q.dtype
-    work = torch.promote_types(dtype, torch.float32)
-    plan = _make_plan(mask, bias, scale, shape, block_q, block_k)
+    plan = _make_plan(mask, bias, scale, shape, block_q, block_k, stat_dtype(dtype))
     bias_tensors = tuple(bias.tensors()) if bias is not None else ()
-    out, lse = _BlockedAttention.apply(plan, q.to(work), k.to(work), v.to(work), *bias_tensors)
+    out, lse = _BlockedAttention.apply(plan, q, k, v, *bias_tensors)
     return out.to(dtype), lse

@@ -2,32 +2,39 @@
 attention"; Hassani et al., "Neighborhood Attention Transformer", CVPR 2023; "Dilated Neighborhood
 Attention Transformer", 2022), forward and backward on every device.
 
-The engine reduces neighborhood attention to one batched exact-attention call on small dense problems:
+The engine reduces neighborhood attention to dense attention of query tiles over key halos
+(`anyattn.softmax.halo_tiles`):
 
-1. dilation becomes a batch dimension: each axis of n points is viewed as `(ceil(n/d), d)` and the d
-   interleaved groups are attended separately (zero padding where `n % d != 0`, masked);
-2. queries are cut into tiles of `T_1 x ... x T_m` grid points (T a multiple of the stride, so a
-   tile's windows are a compact set); for each tile the key *halo* it needs, a box of
-   `hk_a ~ T_a + k_a - 1` points per axis, is cut out of the (padded) keys with `Tensor.unfold`
-   (a view in 1-D, one copy in 2-D/3-D);
-3. all (tile, halo) pairs run at once through exact attention with the small per-tile bool mask
-   (which encodes shifted border windows, even kernels, stride leaders, causal axes, dilation groups
-   of unequal size): on CPU the fused flash kernel of torch SDPA with its log-sum-exp
-   (`anyattn.softmax.sdpa.sdpa_attention`), elsewhere torch SDPA, or the `blocked` engine when the LSE
-   is needed;
-4. outputs are untiled; additional key/value tokens are attended separately and merged by LSE
+1. dilation: each axis of n points is viewed as `(ceil(n/d), d)` and the d interleaved groups are
+   attended separately (group coordinates; groups of unequal size are padded, and masked);
+2. queries are cut into tiles of `T_1 x ... x T_m` grid points (T a multiple of the stride); the
+   *halo* of a tile is the box of keys its windows reach, `hk_a ~ T_a + k_a - s_a` points per axis,
+   starting per tile where its first window starts (at the borders NATTEN's windows shift inward, and
+   so do the halos: a border tile computes no more than an inner one);
+3. the computed area per query is `prod(hk_a) / prod(T_a)` keys against the window's `prod(k_a)`;
+   `default_tiles` chooses T from the kernel size, stride and dilation to bring that ratio close to 1
+   while keeping the tile's matmuls efficient (a cost model; `anyattn tune` measures it);
+4. in 1-D the halos of the inner tiles (whose windows do not shift) are overlapping views of the keys,
+   and one `(Tq, Hk)` mask serves them all; the few border tiles, and in 2-D / 3-D all tiles, get
+   their halos gathered (one copy) and their own masks. The per-tile bool mask encodes shifted border
+   windows, even kernels, stride leaders, causal axes and dilation groups of unequal size;
+5. outputs are untiled; additional key/value tokens are attended separately and merged by LSE
    (`anyattn.lse.merge`).
 
-Gradients flow through autograd (the flash kernel's backward, unfold/pad/permute backward). Memory is
-O(N (T + k - 1)^m / T^m) in forward and backward: nothing quadratic in N is allocated. Masks are
-cached per configuration.
+Backward is the halo engine's (recompute per group; halo gradients added back in place). Memory is
+O(N prod(hk_a) / prod(T_a)) at most (gathered halos), nothing quadratic in N. Plans (masks, halo
+starts) are cached per configuration. bf16 / fp16 inputs run bf16 matmuls with fp32 softmax
+statistics (`anyattn.precision`).
+
+Backends: "auto" (the halo engine), "sdpa" (the same tiles through one torch SDPA call with the
+per-tile mask: the CPU flash kernel, with its LSE on CPU) and "blocked" (anyattn's blocked engine).
 """
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from functools import lru_cache
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,88 +44,98 @@ from ..backends import natten as natten_backend
 from ..lse import merge
 from ..masks import Dense
 from ..masks.neighborhood import group_sizes, normalize_args, window
+from ..precision import matmul_dtype
+from ..tune import entry, neighborhood_key
 from ..validate import Shape, check_qkv, check_same_device_dtype, check_scale, check_tensor
 from .blocked import blocked_attention
+from .halo_tiles import GROUP_ELEMENTS, Group, additive, group_size, halo_attention
 from .sdpa import lse_supported, sdpa_attention
 
 BACKENDS = ("auto", "sdpa", "blocked", "natten")
 
+#: default_tiles' cost of a tile of Tq query rows, relative to its score entries: `1 + TILE_OVERHEAD / Tq`
+#: (small tiles make short matmuls; measured on CPU, see docs/neighborhood.md). bf16 matmuls run 4x faster,
+#: so the per-tile overheads weigh more: larger tiles win (1-D k=257: T=128 in bf16, 32-64 in fp32).
+TILE_OVERHEAD = 16.0
+TILE_OVERHEAD_LOW_PRECISION = 48.0
+#: ... and of gathering one key (and value) row for the inner axes' halos, in score entries (measured: a
+#: gathered row costs about as much as 20-40 score entries on the 2-core CPU)
+GATHER_COST = 40.0
+MAX_TILE_QUERIES = 512
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False)
 class _Axis:
     """Tiling of one spatial axis. n: size; d: dilation; T: query tile (group coordinates); nt: tiles;
-    pl: halo offset left of a tile's first query; hk: halo length; L: padded group length for keys."""
+    hk: halo length; start `(d, nt)`: first halo key of each tile (group coordinates); ng: points of the
+    largest group."""
 
     n: int
     d: int
     T: int
     nt: int
-    pl: int
     hk: int
-
-    @property
-    def L(self) -> int:
-        return (self.nt - 1) * self.T + self.hk
+    start: torch.Tensor
+    ng: int
 
 
-def _axis_mask(n, k, d, s, causal, T, device):
-    """Plan one axis and build its mask `(d, nt, T, hk)`: True where query `t*T + i` of group g may see
-    key `t*T - pl + j` of the same group."""
-    ng_max = -(-n // d)
-    nt = -(-ng_max // T)
+def _axis_plan(n, k, d, s, causal, T, device):
+    """Plan one axis; its mask `(d, nt, T, hk)`: True where query `t*T + i` of group g may see key
+    `start[g, t] + j` of the same group."""
+    ng = -(-n // d)
+    nt = -(-ng // T)
     g = torch.arange(d, device=device).view(d, 1, 1)
     t = torch.arange(nt, device=device).view(1, nt, 1)
     c = t * T + torch.arange(T, device=device).view(1, 1, T)
-    ng = group_sizes(n, d, g)
-    c = torch.minimum(c, ng - 1)  # padded queries behave as the group's last query (never empty rows)
-    lo, hi = window(c, ng, k, s, causal)
-    base = t.view(1, nt) * T
-    pl = max(0, int((base - lo.amin(-1)).max()))
-    start = base - pl
+    size = group_sizes(n, d, g)
+    c = torch.minimum(c, size - 1)  # padded queries behave as the group's last query (never empty rows)
+    lo, hi = window(c, size, k, s, causal)
+    start = lo.amin(-1)
     hk = int((hi.amax(-1) - start).max()) + 1
-    y = start.view(1, nt, 1, 1) + torch.arange(hk, device=device).view(1, 1, 1, hk)
+    # Halos end inside their group where it is long enough (border tiles span less than hk: start earlier).
+    start = torch.minimum(start, (size.view(d, 1) - hk).clamp(min=0))
+    y = start.view(d, nt, 1, 1) + torch.arange(hk, device=device).view(1, 1, 1, hk)
     mask = (y >= lo.unsqueeze(-1)) & (y <= hi.unsqueeze(-1))
-    return _Axis(n, d, T, nt, pl, hk), mask
+    return _Axis(n, d, T, nt, hk, start, ng), mask
 
 
 @lru_cache(maxsize=256)
-def default_tiles(shape, kernel_size, dilation, stride):
-    """Query tile per axis (group coordinates, a multiple of the stride), minimizing a cost model of the
-    batched problem: query rows x halo keys, with a penalty for short tiles (per-tile overhead; CPU
-    flash attention works on blocks of 32 query rows) and for the halo copy of the inner axes (the
-    first axis is a view). At most 512 queries per tile."""
+def default_tiles(shape, kernel_size, dilation, stride, low_precision: bool = False):
+    """Query tile per axis (group coordinates, a multiple of the stride) minimizing a cost model: score
+    entries (query rows x halo keys, halo `min(T + k - s, n_g)` per axis) times `1 + TILE_OVERHEAD / Tq`,
+    plus, in 2-D / 3-D, the inner axes' halo gather (`GATHER_COST` per gathered key row), for tiles of at
+    most `MAX_TILE_QUERIES` queries whose scores fit a cache-sized group. low_precision: bf16 matmuls
+    (`TILE_OVERHEAD_LOW_PRECISION`)."""
     m = len(shape)
+    overhead = TILE_OVERHEAD_LOW_PRECISION if low_precision else TILE_OVERHEAD
     cands = []
-    for a, (n, k, d, s) in enumerate(zip(shape, kernel_size, dilation, stride)):
+    for n, k, d, s in zip(shape, kernel_size, dilation, stride):
         ng = -(-n // d)
         top = -(-ng // s) * s  # one tile covers the axis
-        opts = {top} | {s * j for j in range(1, 257) if s * j < top}
-        if m == 1:
-            opts = {T for T in opts if T % 32 == 0 or T == top or T < 32} if top > 32 else opts
-        cands.append(sorted(T for T in opts if T <= 512))
+        # stride multiples that are powers of two or multiples of 16 (aligned matmul rows), or the whole axis
+        cands.append(sorted({top} | {T for T in (s * j for j in range(1, 257)) if T < top and (T & (T - 1) == 0 or T % 16 == 0)}))
     best, best_cost = None, math.inf
 
     def rec(a, chosen):
         nonlocal best, best_cost
         if a == m:
             tq = math.prod(chosen)
-            if tq > 512:
-                return
-            rows, keys, copies = 1.0, 1.0, 1.0
-            for i, (T, n, k, d) in enumerate(zip(chosen, shape, kernel_size, dilation)):
+            rows, hk = 1.0, 1
+            for T, n, k, d, s in zip(chosen, shape, kernel_size, dilation, stride):
                 ng = -(-n // d)
                 rows *= -(-ng // T) * T * d
-                hk = min(T + k - 1, ng)
-                keys *= hk
-                if i > 0:
-                    copies *= hk / T
-            qrows = -(-tq // 32) * 32 if m == 1 else tq
-            cost = rows * keys * (qrows / tq) * (1.0 + 48.0 / tq) + (rows * copies * 24.0 if m > 1 else 0.0)
+                hk *= min(T + k - s, ng)
+            if tq * hk > 2 * GROUP_ELEMENTS and tq > 1:
+                return
+            # inner axes: every key is copied hk_a / T_a times per axis (the halo gather)
+            copies = math.prod(min(T + k - s, -(-n // d)) / T for T, n, k, d, s in
+                               zip(chosen[1:], shape[1:], kernel_size[1:], dilation[1:], stride[1:]))
+            cost = rows * hk * (1.0 + overhead / tq) + (rows * copies * GATHER_COST if m > 1 else 0.0)
             if cost < best_cost:
                 best, best_cost = tuple(chosen), cost
             return
         for T in cands[a]:
-            if math.prod(chosen) * T > 512:
+            if math.prod(chosen) * T > MAX_TILE_QUERIES:
                 break  # candidates are sorted
             rec(a + 1, chosen + [T])
 
@@ -126,12 +143,83 @@ def default_tiles(shape, kernel_size, dilation, stride):
     return best
 
 
-_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+def _tile_order(m: int) -> list:
+    """Order of the tile axes in the flattened tile index: inner axes first, the first spatial axis last."""
+    return list(range(1, m)) + [0]
+
+
+def _product(parts, combine):
+    """Per-axis tensors `(d_a, nt_a, X_a, Y_a)` -> `(prod d * prod nt, prod X, prod Y)`, tiles ordered
+    `(d.., nt..)`, X and Y row-major over the axes."""
+    m = len(parts)
+    full = None
+    for a, part in enumerate(parts):
+        view = [1] * (4 * m)
+        for j, size in enumerate(part.shape):
+            view[j * m + a] = size
+        p = part.view(view)
+        full = p if full is None else combine(full, p)
+    return full.reshape(math.prod(full.shape[:2 * m]), math.prod(full.shape[2 * m:3 * m]), -1)
+
+
+@dataclass(eq=False)
+class _Plan:
+    """One configuration, in the layout of the halo engine.
+
+    Tiles of a (batch, head) block are ordered `(r, t)`: `r = (d_1.., d_m, nt_2.., nt_m)` indexes the
+    first axis's dilation group and the inner tiles (`R` of them, `R_in = R / d_1` inner ones), `t` the
+    first-axis tile. Keys live in a buffer `(B * H_kv, R, S, Hk_in, C)`: for each r, the `S` rows of
+    its first-axis group, each row the inner halo (`Hk_in = hk_2 * .. * hk_m` keys) of its inner tile; the
+    halo of tile (r, t) is rows `[start[g_1, t], start[g_1, t] + hk_1)` of r.
+    rows `(R, S, Hk_in)`: grid index of every buffer key (clamped into the grid where the halo leaves it:
+    those keys are masked). m1 `(d_1, nt_1, T_1, hk_1)` and inner `(R_in, T_in, Hk_in)`: bool masks of the
+    first axis and of the inner axes; a tile's mask is their product. inner_range: per g_1, the tiles
+    `[e0, e1)` whose halos start `T_1` rows apart and share the first-axis mask (attended through views
+    of the buffer); the other tiles are the first axis's border tiles."""
+
+    axes: tuple
+    R: int
+    S: int
+    rows: torch.Tensor
+    m1: torch.Tensor
+    inner: torch.Tensor
+    inner_range: list
+    _cache: dict = field(default_factory=dict)
+
+    @property
+    def tq(self) -> int:
+        return math.prod(ax.T for ax in self.axes)
+
+    @property
+    def hk(self) -> int:
+        return math.prod(ax.hk for ax in self.axes)
+
+    @property
+    def hk_in(self) -> int:
+        return self.inner.shape[2]
+
+    def masks(self, g1, t, r_in0, r_in1):
+        """Bool masks `(r_in1 - r_in0, Tq, Hk)` of tiles `(g1, r_in, t)`."""
+        a = self.m1[g1, t]  # (T_1, hk_1)
+        b = self.inner[r_in0:r_in1]  # (n, T_in, Hk_in)
+        n, t_in, h_in = b.shape
+        full = a.view(1, a.shape[0], 1, a.shape[1], 1) & b.view(n, 1, t_in, 1, h_in)
+        return full.reshape(n, self.tq, self.hk)
+
+    def additive(self, key, dtype, make):
+        """Cached additive mask `make()` -> 0 / -inf in `dtype`."""
+        k = (key, dtype)
+        if k not in self._cache:
+            self._cache[k] = additive(make(), dtype)
+        return self._cache[k]
+
+
+_CACHE: "OrderedDict[tuple, _Plan]" = OrderedDict()
 _CACHE_SIZE = 4
 
 
-def _plan(shape, ks, ds, ss, cs, tiles, device, dtype):
-    key = (shape, ks, ds, ss, cs, tiles, str(device), dtype)
+def _plan(shape, ks, ds, ss, cs, tiles, device) -> _Plan:
+    key = (shape, ks, ds, ss, cs, tiles, str(device))
     hit = _CACHE.get(key)
     if hit is not None:
         _CACHE.move_to_end(key)
@@ -139,31 +227,51 @@ def _plan(shape, ks, ds, ss, cs, tiles, device, dtype):
     m = len(shape)
     axes, masks = [], []
     for n, k, d, s, c, T in zip(shape, ks, ds, ss, cs, tiles):
-        ax, mk = _axis_mask(n, k, d, s, c, T, device)
+        ax, mk = _axis_plan(n, k, d, s, c, T, device)
         axes.append(ax)
         masks.append(mk)
-    # One mask per tile: (d.., nt[_tile_order].., T.., hk..) -> (R, nt_1, Tq, Hk), R = prod(d) * prod(nt_2..).
-    full = None
-    order = _tile_order(m)
-    for a, mk in enumerate(masks):
-        view = [1] * (4 * m)
-        for j, size in enumerate(mk.shape):
-            view[j * m + (order.index(a) if j == 1 else a)] = size
-        part = mk.view(view)
-        full = part if full is None else full & part
-    tq = math.prod(ax.T for ax in axes)
-    hk = math.prod(ax.hk for ax in axes)
-    bmask = full.reshape(-1, axes[0].nt, tq, hk)
-    # In 1-D with equal dilation groups every group has the same mask: fold the groups into the batch.
-    shared = m == 1 and axes[0].n % axes[0].d == 0
-    if shared:
-        bmask = bmask[:1]
-    fmask = torch.zeros(bmask.shape, dtype=dtype, device=device).masked_fill_(~bmask, float("-inf"))
-    out = (tuple(axes), shared, bmask, fmask)
-    _CACHE[key] = out
+    a0 = axes[0]
+    # First-axis rows per group: every halo ends inside (S > ng only when a group is shorter than hk).
+    S = max(a0.hk, a0.ng)
+    grid_strides = [math.prod(shape[a + 1:]) for a in range(m)]
+
+    def coords(a, y):  # group coordinates y `(d, ...)` of axis a -> clamped grid index * grid stride
+        ax = axes[a]
+        g = torch.arange(ax.d, device=device).view((ax.d,) + (1,) * (y.dim() - 1))
+        return (y * ax.d + g).clamp(0, ax.n - 1) * grid_strides[a]
+
+    # rows: (d_1, [d_a, nt_a]_{a>1}, S, [hk_a]_{a>1}) -> (R, S, Hk_in)
+    lead = [a0.d] + [ax.d for ax in axes[1:]] + [ax.nt for ax in axes[1:]]
+    rows = coords(0, torch.arange(S, device=device).view(1, S).expand(a0.d, S))  # (d_1, S)
+    rows = rows.view([a0.d] + [1] * (2 * (m - 1)) + [S] + [1] * (m - 1))
+    for a in range(1, m):
+        ax = axes[a]
+        y = ax.start.unsqueeze(-1) + torch.arange(ax.hk, device=device)  # (d_a, nt_a, hk_a)
+        view = [1] * (2 * m - 1 + 1 + (m - 1))
+        view[a], view[m - 1 + a], view[2 * m - 1 + a] = ax.d, ax.nt, ax.hk
+        rows = rows + coords(a, y).view(view)
+    R = math.prod(lead)
+    rows = rows.expand(*lead, S, *[ax.hk for ax in axes[1:]]).reshape(R, S, -1)
+    if m > 1:
+        inner = _product(masks[1:], torch.logical_and)
+    else:
+        inner = torch.ones(1, 1, 1, dtype=torch.bool, device=device)
+    inner_range = []
+    for g in range(a0.d):
+        same = [bool(torch.equal(masks[0][g, t], masks[0][g, a0.nt // 2])) for t in range(a0.nt)]
+        off = (a0.start[g] - torch.arange(a0.nt, device=device) * a0.T).tolist()
+        mid = a0.nt // 2
+        e0, e1 = mid, mid + 1
+        while e0 > 0 and same[e0 - 1] and off[e0 - 1] == off[mid]:
+            e0 -= 1
+        while e1 < a0.nt and same[e1] and off[e1] == off[mid]:
+            e1 += 1
+        inner_range.append((e0, e1))
+    plan = _Plan(tuple(axes), R, S, rows, masks[0], inner, inner_range)
+    _CACHE[key] = plan
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
-    return out
+    return plan
 
 
 def _pad_axes(x: torch.Tensor, pads) -> torch.Tensor:
@@ -177,14 +285,8 @@ def _pad_axes(x: torch.Tensor, pads) -> torch.Tensor:
     return F.pad(x, flat)
 
 
-def _tile_order(m: int) -> list:
-    """Order of the tile axes in the flattened tile index: inner axes first, the first spatial axis last
-    (so that the key halos of consecutive first-axis tiles are overlapping views, see `_tile_keys`)."""
-    return list(range(1, m)) + [0]
-
-
 def _tile_queries(x, axes):
-    """(B, H, n_1..n_m, C) -> (B*H, R, nt_1, T_1*..*T_m, C); tiles ordered (d.., nt_2.., nt_1)."""
+    """(B, H, n_1..n_m, C) -> (B*H, n_tiles, T_1*..*T_m, C); tiles ordered (d.., nt_2.., nt_1)."""
     B, H, C = x.shape[0], x.shape[1], x.shape[-1]
     m = len(axes)
     x = _pad_axes(x, [(0, ax.nt * ax.T * ax.d - ax.n) for ax in axes])
@@ -192,61 +294,11 @@ def _tile_queries(x, axes):
     perm = [0, 1] + [2 + 3 * a + 2 for a in range(m)] + [2 + 3 * a for a in _tile_order(m)] + \
         [2 + 3 * a + 1 for a in range(m)] + [2 + 3 * m]
     x = x.permute(perm)
-    return x.reshape(B * H, -1, axes[0].nt, math.prod(ax.T for ax in axes), C)
-
-
-def _tile_keys(x, axes):
-    """(B, H, n_1..n_m, C) -> halos (B*H, R, nt_1, hk_1*..*hk_m, C), tiles ordered as in `_tile_queries`.
-
-    The inner axes (2..m) are cut into halos with one copy, laid out `(.., nt_2.., L_1, hk_2.., C)`;
-    then the halos along the first axis are overlapping windows of that buffer, taken as a view
-    (`unfold` with step T_1): in 1-D no copy is made at all."""
-    B, H, C = x.shape[0], x.shape[1], x.shape[-1]
-    m = len(axes)
-    x = _pad_axes(x, [(ax.pl * ax.d, ax.L * ax.d - ax.pl * ax.d - ax.n) for ax in axes])
-    x = x.reshape(B, H, *[s for ax in axes for s in (ax.L, ax.d)], C)
-    perm = [0, 1] + [2 + 2 * a + 1 for a in range(m)] + [2 + 2 * a for a in range(m)] + [2 + 2 * m]
-    x = x.permute(perm)  # (B, H, d.., L.., C)
-    for a in range(1, m):
-        x = x.unfold(2 + m + a, axes[a].hk, axes[a].T)  # L_a -> nt_a, appends hk_a
-    if m == 1:
-        x = x.contiguous()  # so that the halos below are a view (no-op for contiguous inputs)
-    if m > 1:
-        # (B, H, d.., L_1, nt_2.., C, hk_2..) -> (B, H, d.., nt_2.., L_1, hk_2.., C), one copy
-        perm = list(range(2 + m)) + [3 + m + a for a in range(m - 1)] + [2 + m] + \
-            [3 + 2 * m + a for a in range(m - 1)] + [2 + 2 * m]
-        x = x.permute(perm).contiguous()
-    lead = 2 + m + (m - 1)  # position of L_1
-    P0, L, Q = math.prod(x.shape[:lead]), x.shape[lead], math.prod(x.shape[lead + 1:])
-    halos = _Halos.apply(x.reshape(P0, L, Q), axes[0].nt, axes[0].T, axes[0].hk)  # (P0, nt_1, hk_1, Q)
-    # (B, H, d.., nt_2..) are the leading dims of a contiguous buffer and (hk_1, hk_2.., C) the trailing
-    # ones; only nt_1 strides by T_1 rows into overlapping halos: the reshape below is a view.
-    return halos.reshape(B * H, -1, axes[0].nt, math.prod(ax.hk for ax in axes), C)
-
-
-class _Halos(torch.autograd.Function):
-    """Overlapping windows `(P, nt, hk, Q)` (step T along L) of a contiguous `(P, L, Q)` buffer, as a view;
-    the backward folds the window gradients back with `ceil(hk / T)` strided adds (each a set of
-    non-overlapping windows), cheaper than the generic `unfold` backward."""
-
-    @staticmethod
-    def forward(ctx, x, nt: int, T: int, hk: int):
-        P, L, Q = x.shape
-        ctx.dims = (P, L, Q, nt, T, hk)
-        return x.as_strided((P, nt, hk, Q), (L * Q, T * Q, Q, 1), x.storage_offset())
-
-    @staticmethod
-    def backward(ctx, g):
-        P, L, Q, nt, T, hk = ctx.dims
-        dx = g.new_zeros((P, L, Q))
-        for j0 in range(0, hk, T):
-            w = min(T, hk - j0)
-            dx.as_strided((P, nt, w, Q), (L * Q, T * Q, Q, 1), j0 * Q).add_(g[:, :, j0:j0 + w])
-        return dx, None, None, None
+    return x.reshape(B * H, -1, math.prod(ax.T for ax in axes), C)
 
 
 def _untile(x, B, H, axes):
-    """(B*H, R, nt_1, T_1*..*T_m, C) -> (B, H, n_1..n_m, C)."""
+    """(B*H, n_tiles, T_1*..*T_m, C) -> (B, H, n_1..n_m, C)."""
     m = len(axes)
     C = x.shape[-1]
     order = _tile_order(m)
@@ -254,6 +306,93 @@ def _untile(x, B, H, axes):
     perm = [0, 1] + [p for a in range(m) for p in (2 + m + order.index(a), 2 + 2 * m + a, 2 + a)] + [2 + 3 * m]
     x = x.permute(perm).reshape(B, H, *[ax.nt * ax.T * ax.d for ax in axes], C)
     return x[(slice(None), slice(None)) + tuple(slice(0, ax.n) for ax in axes)]
+
+
+def _key_buffer(x, plan):
+    """Keys `(B, H_kv, *spatial, C)` -> the plan's flat buffer `(B * H_kv, R, S, Hk_in, C)` (one row
+    gather; a view when it would be the identity)."""
+    B, H, C = x.shape[0], x.shape[1], x.shape[-1]
+    N = math.prod(x.shape[2:-1])
+    x = x.reshape(B * H, N, C)
+    if plan.rows.numel() == N and len(plan.axes) == 1 and plan.axes[0].d == 1:
+        return x.reshape(-1)  # 1-D, no dilation, no padding: the keys themselves
+    return x.index_select(1, plan.rows.reshape(-1)).reshape(-1)
+
+
+def _groups(plan, BH, G, D, D_v, dtype):
+    """The halo engine's groups: per (batch, head) block, the inner tiles of each r in cache-sized runs
+    (halos `T_1` rows apart, one mask), and the border tiles of the first axis across r (halos `S` rows
+    apart, a mask per tile). Query block b reads key block `b // G`."""
+    a0 = plan.axes[0]
+    R, S, nt, hk_in = plan.R, plan.S, a0.nt, plan.hk_in
+    R_in = R // a0.d
+    rk, rv = hk_in * D, hk_in * D_v  # elements per buffer row
+    size = group_size(plan.tq, plan.hk)
+    start = a0.start.tolist()
+    out = []
+    for g1, (e0, e1) in enumerate(plan.inner_range):
+        for ri in range(R_in):
+            mk = plan.additive(("inner", g1, ri), dtype, lambda: plan.masks(g1, e0, ri, ri + 1))
+            r = g1 * R_in + ri
+            for bh in range(BH):
+                pq, pk = bh * R + r, (bh // G) * R + r
+                for t0 in range(e0, e1, size):
+                    row = pk * S + start[g1][t0]
+                    out.append(Group(pq * nt + t0, min(size, e1 - t0), 1, row * rk, a0.T * rk, row * rv, a0.T * rv, mk))
+        for t in [t for t in range(nt) if not e0 <= t < e1]:
+            for r0 in range(0, R_in, size):
+                r1 = min(R_in, r0 + size)
+                mk = plan.additive(("border", g1, t, r0), dtype, lambda: plan.masks(g1, t, r0, r1))
+                for bh in range(BH):
+                    pq, pk = bh * R + g1 * R_in + r0, (bh // G) * R + g1 * R_in + r0
+                    row = pk * S + start[g1][t]
+                    out.append(Group(pq * nt + t, r1 - r0, nt, row * rk, S * rk, row * rv, S * rv, mk))
+    return out
+
+
+def _tiles_engine(plan, q, k, v, scale, need_lse):
+    """Run the halo engine; returns out `(B*H, n_tiles, Tq, D_v)` and lse `(B*H, n_tiles, Tq)` or None."""
+    B, H, H_kv, D, D_v = q.shape[0], q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
+    qt = _tile_queries(q, plan.axes)  # (BH, R * nt_1, Tq, D)
+    n_tiles = qt.shape[1]
+    groups = _groups(plan, B * H, H // H_kv, D, D_v, q.dtype)
+    out, lse = halo_attention(groups, plan.hk, scale, qt.reshape(-1, plan.tq, D), _key_buffer(k, plan),
+                              _key_buffer(v, plan), D_v, need_lse)
+    return out.view(B * H, n_tiles, plan.tq, D_v), (lse.view(B * H, n_tiles, plan.tq) if lse is not None else None)
+
+
+def _fused(plan, q, k, v, scale, need_lse, backend):
+    """All (tile, halo) pairs through one exact-attention call with the per-tile mask: torch SDPA (the CPU
+    flash kernel, with its LSE on CPU) or anyattn's `blocked` engine. Returns out `(B*H, n_tiles, Tq, D_v)`
+    and lse or None."""
+    B, H, H_kv, D, D_v = q.shape[0], q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
+    G, tq, hk = H // H_kv, plan.tq, plan.hk
+    a0 = plan.axes[0]
+    R_in = plan.R // a0.d
+    qt = _tile_queries(q, plan.axes)
+    nt = qt.shape[1]
+    # buffer row of every halo key, tiles (r, t): r * S + start[g_1, t] + j
+    r = torch.arange(plan.R, device=q.device)
+    first = (r * plan.S).view(-1, 1, 1) + a0.start[r // R_in].unsqueeze(-1) + torch.arange(a0.hk, device=q.device)
+    idx = first.reshape(-1)  # (R * nt_1 * hk_1)
+    mask = torch.cat([torch.stack([plan.masks(g1, t, 0, R_in) for t in range(a0.nt)], 1).reshape(-1, tq, hk)
+                      for g1 in range(a0.d)])
+
+    def halos(x):
+        C = x.shape[-1]
+        buf = _key_buffer(x, plan).view(B * H_kv, plan.R * plan.S, plan.hk_in * C)
+        h = buf.index_select(1, idx).view(B, H_kv, nt, hk, C)
+        return (h if G == 1 else h.repeat_interleave(G, 1)).reshape(B * H, nt, hk, C)
+
+    kt, vt = halos(k), halos(v)
+    tshape = Shape(B * H, nt, nt, tq, hk, D, D_v)
+    if backend == "blocked" or (need_lse and not lse_supported(q.device, q.dtype)):
+        return blocked_attention(qt, kt, vt, Dense(mask.unsqueeze(0)), None, scale, tshape, block_q=tq, block_k=hk)
+    fmask = additive(mask, q.dtype)
+    if need_lse or D != D_v:  # the CPU flash kernel (with a differentiable LSE), or padded head dims
+        return sdpa_attention(qt, kt, vt, fmask, False, scale, tshape, need_lse)
+    # No row is empty (every query sees itself), so the plain SDPA call needs no fix-up.
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=fmask, scale=scale), None
 
 
 def _check_inputs(q, k, v, additional_k, additional_v):
@@ -302,10 +441,11 @@ def neighborhood(q, k, v, kernel_size, dilation=1, stride=1, is_causal=False, *,
     (keys up to the query, no shifting). Requires `k * d <= n` and `s <= k` on every axis.
     additional_k `(B, H_kv, N_add, D)`, additional_v `(B, H_kv, N_add, D_v)`: extra tokens that every
     query also attends (merged by log-sum-exp). scale defaults to `D ** -0.5`.
-    tile: query tile per axis in dilation-group coordinates (default: `default_tiles`); backend: "auto"
-    (NATTEN's fused kernels on CUDA when installed, else anyattn's engine through SDPA; see
-    `backend_choice`), "natten", "sdpa" (anyattn's engine on torch SDPA) or "blocked" (anyattn's tiled
-    engine).
+    tile: query tile per axis in dilation-group coordinates (default: `tuned_tiles`, i.e. `anyattn tune`'s
+    measurement for this configuration if there is one, else `default_tiles`); backend: "auto" (NATTEN's
+    fused kernels on CUDA when installed, else the halo engine; see `backend_choice`), "natten", "sdpa" (one
+    torch SDPA call over all tiles; LSE where `sdpa.lse_supported`) or "blocked" (anyattn's blocked engine
+    over all tiles).
 
     Returns out `(B, H, *spatial, D_v)`, or `(out, lse)` with lse `(B, H, *spatial)` when return_lse.
     Reference: Hassani et al., "Neighborhood Attention Transformer" (CVPR 2023) and "Dilated
@@ -329,51 +469,27 @@ def neighborhood(q, k, v, kernel_size, dilation=1, stride=1, is_causal=False, *,
         return (out, lse) if return_lse else out
     m = len(spatial)
     if tile is None:
-        tiles = default_tiles(tuple(spatial), ks, ds, ss)
+        tiles = tuned_tiles(tuple(spatial), ks, ds, ss, cs, q.dtype, q.device)
     else:
         tiles = tuple(tile) if isinstance(tile, (list, tuple)) else (tile,) * m
         if len(tiles) != m or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in tiles):
             raise ValueError(f"tile must be a positive int or a sequence of {m} positive ints, got {tile!r}")
     dtype = q.dtype
-    device = q.device
-    cpu_fast = lse_supported(device, dtype)  # a fused kernel with a differentiable LSE (CPU flash, CUDA efficient)
     need_lse = return_lse or n_add > 0
-    fused = backend != "blocked" and (cpu_fast or not need_lse)  # SDPA runs it (else: blocked)
-    work = dtype if fused else torch.promote_types(dtype, torch.float32)
-    axes, shared, bmask, fmask = _plan(spatial, ks, ds, ss, cs, tiles, device, work)
-    G = H // H_kv
-    kk, vv = (k, v) if G == 1 else (k.repeat_interleave(G, 1), v.repeat_interleave(G, 1))
-    qt = _tile_queries(q.to(work), axes)
-    kt = _tile_keys(kk.to(work), axes)
-    vt = _tile_keys(vv.to(work), axes)
-    BH, R, nt, tq, hk = kt.shape[0], kt.shape[1], kt.shape[2], qt.shape[3], kt.shape[3]
-
-    def run(qi, ki, vi):
-        tshape = Shape(qi.shape[0], nt, nt, tq, hk, D, D_v)
-        if backend == "blocked" or (need_lse and not cpu_fast):
-            return blocked_attention(qi, ki, vi, Dense(bmask), None, scale, tshape, block_q=tq, block_k=hk)
-        if need_lse:  # CPU flash kernel with a differentiable LSE
-            return sdpa_attention(qi, ki, vi, fmask, False, scale, tshape, True)
-        if D != D_v:
-            return sdpa_attention(qi, ki, vi, fmask, False, scale, tshape, False)
-        # No row is empty (every query sees itself), so the plain SDPA call needs no fix-up.
-        return F.scaled_dot_product_attention(qi, ki, vi, attn_mask=fmask, scale=scale), None
-
-    if shared or R == 1:
-        # One call for all heads: the (R, nt_1, Tq, Hk) mask broadcasts over the batch.
-        out_t, lse_t = run(qt.reshape(BH * R, nt, tq, D), kt.reshape(BH * R, nt, hk, D), vt.reshape(BH * R, nt, hk, D_v))
+    plan = _plan(spatial, ks, ds, ss, cs, tiles, q.device)
+    if backend == "auto":
+        md = matmul_dtype(dtype, q.device)
+        out_t, lse_t = _tiles_engine(plan, q.to(md), k.to(md), v.to(md), scale, need_lse)
     else:
-        # 2-D/3-D: the halos are strided views per (batch, head); the mask (R, nt_1, Tq, Hk) covers one.
-        res = [run(qi, ki, vi) for qi, ki, vi in zip(qt.unbind(0), kt.unbind(0), vt.unbind(0))]
-        out_t = torch.stack([r[0] for r in res])
-        lse_t = torch.stack([r[1] for r in res]) if res[0][1] is not None else None
-    out = _untile(out_t, B, H, axes)
-    lse = _untile(lse_t.unsqueeze(-1), B, H, axes).squeeze(-1) if lse_t is not None else None
+        work = dtype if backend == "sdpa" else torch.promote_types(dtype, torch.float32)
+        out_t, lse_t = _fused(plan, q.to(work), k.to(work), v.to(work), scale, need_lse, backend)
+    out = _untile(out_t, B, H, plan.axes)
+    lse = _untile(lse_t.unsqueeze(-1), B, H, plan.axes).squeeze(-1) if lse_t is not None else None
     if n_add:
         N = math.prod(spatial)
         qf = q.reshape(B, H, N, D)
         ashape = Shape(B, H, H_kv, N, n_add, D, D_v)
-        if lse_supported(device, dtype) and backend != "blocked":
+        if lse_supported(q.device, q.dtype) and backend == "sdpa":
             out_a, lse_a = sdpa_attention(qf, additional_k, additional_v, None, False, scale, ashape, True)
         else:
             out_a, lse_a = blocked_attention(qf, additional_k, additional_v, None, None, scale, ashape)
@@ -392,10 +508,30 @@ def backend_choice(q, return_lse: bool = False) -> Choice:
     why = natten_backend.unavailable(q)
     if why is None:
         return Choice("natten", f"NATTEN's fused kernels on {q.device.type} (installed; layout converted)")
-    fused = lse_supported(q.device, q.dtype) or not return_lse
-    engine = "query tiles x key halos in one fused SDPA call" if fused else "query tiles x key halos on the " \
-                                                                           "blocked engine (LSE)"
-    return Choice("anyattn", f"anyattn's engine: {engine} (NATTEN not used: {why})")
+    return Choice("anyattn", f"anyattn's engine: query tiles x key halos (NATTEN not used: {why})")
+
+
+def tuned_tiles(shape, ks, ds, ss, cs, dtype, device):
+    """The query tile for this configuration: `anyattn tune`'s measured best if the tune cache has this
+    configuration (see `anyattn.tune`), else `default_tiles`."""
+    rec = entry("neighborhood_tile", neighborhood_key(shape, ks, ds, ss, cs, dtype, device))
+    if rec is not None and len(rec["value"]) == len(shape):
+        return tuple(int(t) for t in rec["value"])
+    return default_tiles(tuple(shape), ks, ds, ss, matmul_dtype(dtype, device) in (torch.bfloat16, torch.float16))
+
+
+def explain_tiles(req) -> str:
+    """How the engine tiles a `method="neighborhood"` request: the tile and where it comes from."""
+    spec = req.mask
+    key = neighborhood_key(spec.shape, spec.kernel_size, spec.dilation, spec.stride, spec.is_causal, req.q.dtype,
+                           req.q.device)
+    rec = entry("neighborhood_tile", key)
+    if rec is not None:
+        quoted = ", ".join(f"{t} {ms:.1f} ms" for t, ms in sorted(rec.get("measured", {}).items(), key=lambda x: x[1]))
+        return f"tile {tuple(rec['value'])} measured by `anyattn tune` ({quoted})"
+    tiles = tuned_tiles(spec.shape, spec.kernel_size, spec.dilation, spec.stride, spec.is_causal, req.q.dtype,
+                        req.q.device)
+    return f"tile {tiles} from the built-in cost model (no tune-cache entry for {key})"
 
 
 # ---------------------------------------------------------------- `anyattn.attention(method="neighborhood")`
@@ -427,7 +563,7 @@ def _register():
     register(Method("neighborhood", True, "neighborhood attention for masks.Neighborhood: query tiles x key "
                     "halos in one fused SDPA call; O(N) memory forward and backward", _supports, _run,
                     {"tile": "query tile per axis (default: a cost model)",
-                     "backend": "'auto', 'sdpa' or 'blocked'"}))
+                     "backend": "'auto', 'natten', 'sdpa' or 'blocked'"}))
 
 
 _register()

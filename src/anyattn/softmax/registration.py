@@ -30,8 +30,13 @@ def _sdpa(req: Request):
     return sdpa_attention(req.q, req.k, req.v, attn_mask, is_causal, req.scale, req.shape, req.return_lse)
 
 
-def _blocked(req: Request, block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K):
+def _blocked(req: Request, block_q: int | None = None, block_k: int | None = None):
+    from ..tune import measured_blocks
     from ..validate import check_positive_int
+    if block_q is None or block_k is None:
+        bq, bk = measured_blocks(req) or (DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K)
+        block_q = bq if block_q is None else block_q
+        block_k = bk if block_k is None else block_k
     check_positive_int("block_q", block_q)
     check_positive_int("block_k", block_k)
     return blocked_attention(req.q, req.k, req.v, req.mask, req.bias, req.scale, req.shape, block_q, block_k)
@@ -43,5 +48,6 @@ register(Method("sdpa", True, "torch scaled_dot_product_attention (no mask, caus
                 "LSE on CPU via the flash op", _sdpa_supports, _sdpa))
 register(Method("blocked", True, "FlashAttention-2 tiling in PyTorch ops: any mask/bias spec, tile skipping, "
                 "O(N) memory forward and backward", lambda req: None, _blocked,
-                {"block_q": f"query tile (default {DEFAULT_BLOCK_Q})",
-                 "block_k": f"key tile (default {DEFAULT_BLOCK_K})"}))
+                {"block_q": f"query tile (default: measured by `anyattn tune` for the request's class, else "
+                            f"{DEFAULT_BLOCK_Q})",
+                 "block_k": f"key tile (default: measured by `anyattn tune`, else {DEFAULT_BLOCK_K})"}))

@@ -83,10 +83,10 @@ def _case(workload, label, params, B, H, N, D, causal, extra, bias_of, score_mod
 
 # --- ALiBi -------------------------------------------------------------------------------------------
 
-def alibi_cases(quick: bool):
+def alibi_cases(quick: bool, N: int | None = None):
     import anyattn
     from anyattn import biases, masks
-    B, H, N, D = (1, 2, 256, 16) if quick else (1, 8, 8192, 64)
+    B, H, N, D = (1, 2, 256, 16) if quick else (1, 8, N or 8192, 64)
     slopes0 = biases.Alibi.geometric(H).slopes
 
     def extra(g):

@@ -120,20 +120,22 @@ def _gdn_steps(x):
     return torch.stack(outs)
 
 
-def _build(N, H_kv, what, steps=STEPS):
+def _build(N, H_kv, what, steps=STEPS, dtype=torch.float32):
+    """The case's inputs with caches, queries and states in `dtype` (the PCA bases are fitted in float32)."""
     data = concentrated(N, H_kv)
-    cache = KVCache(B, H_kv, N, D)
-    cache.append(data["k"], data["v"])
-    out = {"q": data["q"][:steps], "cache": cache}
+    k, v = data["k"].to(dtype), data["v"].to(dtype)
+    cache = KVCache(B, H_kv, N, D, dtype=dtype)
+    cache.append(k, v)
+    out = {"q": data["q"][:steps].to(dtype), "cache": cache}
     if "pca" in what:
         proj = fit_pca(data["calib_k"], data["calib_v"]).with_ranks(D // 2)
-        out["pca_cache"] = KVCache(B, H_kv, N, D, compress="pca", projection=proj)
-        out["pca_cache"].append(data["k"], data["v"])
+        out["pca_cache"] = KVCache(B, H_kv, N, D, compress="pca", projection=proj, dtype=dtype)
+        out["pca_cache"].append(k, v)
     if "int8" in what:
-        out["int8_cache"] = KVCache(B, H_kv, N, D, quantize="int8")
-        out["int8_cache"].append(data["k"], data["v"])
+        out["int8_cache"] = KVCache(B, H_kv, N, D, quantize="int8", dtype=dtype)
+        out["int8_cache"].append(k, v)
     if "linear" in what:
-        out.update({"lin_" + a: (b[:steps] if a != "S" else b) for a, b in _linear_inputs(H_kv).items()})
+        out.update({"lin_" + a: (b[:steps] if a != "S" else b).to(dtype) for a, b in _linear_inputs(H_kv).items()})
     return out
 
 
@@ -148,31 +150,42 @@ def _lin(fn):
     return lambda x: fn({a[4:]: b for a, b in x.items() if a.startswith("lin_")})
 
 
+def decode_case(N: int, H_kv: int, quick: bool, names=None, workload: str = "decode") -> Case:
+    """The decode case at context N (`names`: the contenders to keep, default all; the caches they do not
+    read are not built)."""
+    steps = QUICK_STEPS if quick else STEPS
+    pol = PUBLISHED if not quick else TokenSelect(n_init=16, n_local=32, k=64)
+    always = TokenSelect(pol.n_init, pol.n_local, pol.k, reuse_threshold=2.0)
+    attended = min(N, pol.n_init + pol.k + pol.n_local)
+    flops = steps * B * H * 4 * N * D
+    params = dict(B=B, H=H, H_kv=H_kv, N=N, D=D, steps_per_call=steps, dtype="float32",
+                  tokenselect=dict(n_init=pol.n_init, n_local=pol.n_local, k=pol.k,
+                                   reuse_threshold=pol.reuse_threshold, attended_tokens=attended),
+                  pca_rank=D // 2, cache_bytes=_cache_bytes(N, H_kv),
+                  input="concentrated: 16 needle keys aligned with the query + low-rank noise keys")
+    contenders = {
+        "exact": lambda x: _steps(x["cache"], x["q"], policy="exact"),
+        "sdpa": _sdpa_steps,
+        "tokenselect": lambda x, p=pol: _steps(x["cache"], x["q"], policy=p, reset=True),
+        "tokenselect_select": lambda x, p=always: _steps(x["cache"], x["q"], policy=p, reset=True),
+        "pca_r32": lambda x: _steps(x["pca_cache"], x["q"]),
+        "int8": lambda x: _steps(x["int8_cache"], x["q"]),
+    }
+    if names is not None:
+        contenders = {n: f for n, f in contenders.items() if n in names}
+    what = tuple(w for w, n in (("pca", "pca_r32"), ("int8", "int8")) if n in contenders)
+    return Case(workload=workload, label=f"decode N={N} H_kv={H_kv} ({steps} steps)", params=params,
+                flops=flops, make_inputs=lambda rg: _build(N, H_kv, what, steps),
+                contenders=contenders, baseline="exact", exact="exact", backward=False,
+                make_inputs_dtype=lambda rg, dt: _build(N, H_kv, what, steps, dt))
+
+
 def cases(quick: bool) -> list[Case]:
     out = []
     steps = QUICK_STEPS if quick else STEPS
     for N, H_kv in (QUICK_CONTEXTS if quick else CONTEXTS):
-        pol = PUBLISHED if not quick else TokenSelect(n_init=16, n_local=32, k=64)
-        always = TokenSelect(pol.n_init, pol.n_local, pol.k, reuse_threshold=2.0)
-        attended = min(N, pol.n_init + pol.k + pol.n_local)
-        flops = steps * B * H * 4 * N * D
+        out.append(decode_case(N, H_kv, quick))
         bytes_ = _cache_bytes(N, H_kv)
-        params = dict(B=B, H=H, H_kv=H_kv, N=N, D=D, steps_per_call=steps, dtype="float32",
-                      tokenselect=dict(n_init=pol.n_init, n_local=pol.n_local, k=pol.k,
-                                       reuse_threshold=pol.reuse_threshold, attended_tokens=attended),
-                      pca_rank=D // 2, cache_bytes=bytes_,
-                      input="concentrated: 16 needle keys aligned with the query + low-rank noise keys")
-        contenders = {
-            "exact": lambda x: _steps(x["cache"], x["q"], policy="exact"),
-            "sdpa": _sdpa_steps,
-            "tokenselect": lambda x, p=pol: _steps(x["cache"], x["q"], policy=p, reset=True),
-            "tokenselect_select": lambda x, p=always: _steps(x["cache"], x["q"], policy=p, reset=True),
-            "pca_r32": lambda x: _steps(x["pca_cache"], x["q"]),
-            "int8": lambda x: _steps(x["int8_cache"], x["q"]),
-        }
-        out.append(Case(workload="decode", label=f"decode N={N} H_kv={H_kv} ({steps} steps)", params=params,
-                        flops=flops, make_inputs=lambda rg, N=N, H_kv=H_kv: _build(N, H_kv, ("pca", "int8"), steps),
-                        contenders=contenders, baseline="exact", exact="exact", backward=False))
         state_bytes = B * H * D * D * 4
         lparams = dict(B=B, H=H, H_kv=H_kv, N=N, D=D, steps_per_call=steps, dtype="float32",
                        cache_bytes={"exact_decode": bytes_["exact"], "gla_step": state_bytes,
@@ -183,7 +196,8 @@ def cases(quick: bool) -> list[Case]:
                         make_inputs=lambda rg, N=N, H_kv=H_kv: _build(N, H_kv, ("linear",), steps),
                         contenders={"exact_decode": lambda x: _steps(x["cache"], x["q"], policy="exact"),
                                     "gla_step": _lin(_gla_steps), "gated_delta_rule_step": _lin(_gdn_steps)},
-                        baseline="exact_decode", exact=None, backward=False))
+                        baseline="exact_decode", exact=None, backward=False,
+                        make_inputs_dtype=lambda rg, dt, N=N, H_kv=H_kv: _build(N, H_kv, ("linear",), steps, dt)))
     return out
 
 

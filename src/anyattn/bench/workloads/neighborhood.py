@@ -1,5 +1,6 @@
 """Neighborhood attention (NATTEN semantics) in 1-D, 2-D and 3-D: anyattn's tiled engine against
-compiled FlexAttention with a block mask, NATTEN's CPU path and dense-masked torch SDPA."""
+compiled FlexAttention with a block mask, NATTEN's CPU path and dense-masked torch SDPA. `anyattn` calls
+`anyattn.neighborhood`; `auto` calls `anyattn.attention` with the `masks.Neighborhood` spec (what auto picks)."""
 from __future__ import annotations
 
 import math
@@ -64,8 +65,15 @@ def _case(workload, spatial, kernel, *, B=1, H=8, D=64, label="", flex=True):
         q, k, v = (_flat(x[n]) for n in "qkv")
         return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(q.device)).reshape(x["q"].shape)
 
+    spec = Neighborhood(spatial, kernel)
+
+    def auto(x):  # the generic entry point: method="auto" with the mask spec on flattened tokens
+        import anyattn
+        return anyattn.attention(_flat(x["q"]), _flat(x["k"]), _flat(x["v"]), mask=spec).reshape(x["q"].shape)
+
     contenders = {
         "anyattn": lambda x: anyattn_neighborhood(x["q"], x["k"], x["v"], kernel),
+        "auto": auto,
         "sdpa_dense": dense_sdpa,
     }
     case = Case(workload, label or f"{'x'.join(map(str, spatial))} kernel {kernel}",

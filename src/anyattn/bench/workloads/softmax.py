@@ -8,7 +8,7 @@ from ..case import Case
 from ..peers import add_flex, attention_flops
 
 DESCRIPTIONS = {
-    "softmax": "exact attention, B=1 H=8 D=64, N in {1024, 4096, 16384}, causal and not (the default report)",
+    "softmax": "exact attention, B=1 H=8 D=64, N in {1024, 4096, 16384}, causal and not",
     "overhead": "per-call overhead of auto over calling torch SDPA directly, N=128 (decoding-sized calls)",
     "memory": "forward+backward peak memory of blocked vs reference vs SDPA at N=8192",
 }
@@ -65,9 +65,8 @@ def cases(quick: bool):
             if big:  # forward+backward is measured at N <= 4096 here and at N=8192 by workload `memory`
                 out[-1].backward = False
             if big:
-                for name in ("sdpa", "auto"):
-                    del out[-1].contenders[name]
-                    out[-1].skip[name] = "same kernel as torch_sdpa here (auto picks sdpa); measured at N <= 4096"
+                del out[-1].contenders["sdpa"]
+                out[-1].skip["sdpa"] = "the same kernel as torch_sdpa; measured at N <= 4096"
     return out
 
 
