@@ -24,18 +24,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..precision import matmul_dtype  # noqa: F401  (the engines' policy, re-exported)
+
 from ..lse import EXP_FLOOR
-
-
-def matmul_dtype(dtype: torch.dtype, device) -> torch.dtype:
-    """Dtype of the chunk engines' matmul operands for inputs of `dtype`: bf16 for bf16; fp16 on CUDA but
-    bf16 elsewhere (CPU fp16 matmuls run ~50x slower than bf16 ones, whose range includes fp16's); the
-    compute dtype (fp32 / fp64) otherwise. CPU bf16 matmuls accumulate in fp32."""
-    if dtype == torch.bfloat16:
-        return torch.bfloat16
-    if dtype == torch.float16:
-        return torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, md: torch.dtype | None = None) -> torch.Tensor:
