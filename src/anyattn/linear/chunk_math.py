@@ -24,9 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..precision import matmul_dtype  # noqa: F401  (the engines' policy, re-exported)
-
 from ..lse import EXP_FLOOR
+from ..precision import matmul_dtype  # noqa: F401  (the engines' policy, re-exported)
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, md: torch.dtype | None = None) -> torch.Tensor:
