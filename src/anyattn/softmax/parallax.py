@@ -5,8 +5,9 @@ first-order correction along a per-query probe r_i,
     o_i = sum_j s_ij [1 - r_i . (k_j - μ̄_i)] v_j  =  (1 + r_i . μ̄_i) ō_i - sum_j s_ij (r_i . k_j) v_j,
 
 with ō = s v. One blocked pass (FlashAttention-2 tiling, every mask spec, tiles skipped as in
-`blocked`) with two accumulators beside ō: `sum_j p_j k_j` and `sum_j p_j (r . k_j) v_j`, all rescaled by
-the same online-softmax factor. Backward recomputes each tile's probabilities from the saved LSE
+`blocked`) with two accumulators beside ō, rescaled by the same online-softmax factor:
+`sum_j p_j (r . k_j) v_j` and `r . μ̄ = sum_j p_j (r . k_j)` (a row sum: μ̄ itself is never formed). Per tile
+one matmul gives `[q ; r] k^T` and one `[p ; p (r . k)] v`: twice the matmul work of softmax attention. Backward recomputes each tile's probabilities from the saved LSE
 (O(N) memory): with c = 1 + r.μ̄, a = do.ō, e_j = do.v_j, `dp_j = c e_j + a (r.k_j) - (r.k_j) e_j`,
 `ds = p (dp - delta)`, `delta = a (r.μ̄) + do.o`, `dr = a μ̄ - sum_j p_j e_j k_j`,
 `dk_j += p_j (a - e_j) r`, `dv_j += p_j (c - r.k_j) do`.
@@ -19,7 +20,7 @@ from ..lse import NEG_INF, exp_shifted_, online_softmax_weights
 from ..masks import as_mask
 from ..validate import check_positive_int, check_qkv, check_scale, check_tensor
 from .blocked import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
-from .tiling import make_plan, q_tile, scores, segments
+from .tiling import make_plan, mask_scores, q_tile, scores, segments
 
 
 def _rows(x, sh, q0, q1):
@@ -31,10 +32,9 @@ def _forward(plan, q, k, v, r):
     sh = plan.shape
     G = sh.groups
     qg, rg = q.unflatten(1, (sh.H_kv, G)), r.unflatten(1, (sh.H_kv, G))
-    vk = torch.cat([v, k], -1)
     out = q.new_zeros(sh.B, sh.H_kv, G, sh.N_q, sh.D_v)
     obar = q.new_zeros(sh.B, sh.H_kv, G, sh.N_q, sh.D_v)
-    kbar = q.new_zeros(sh.B, sh.H_kv, G, sh.N_q, sh.D)
+    rkbar = q.new_zeros(sh.B, sh.H_kv, G, sh.N_q)
     lse = q.new_full((sh.B, sh.H_kv, G, sh.N_q), NEG_INF)
     masked = plan.mask is not None
     for q0, span in zip(range(0, sh.N_q, plan.block_q), plan.spans):
@@ -43,34 +43,39 @@ def _forward(plan, q, k, v, r):
         if span.hi <= span.lo:
             continue
         qt, rt = q_tile(qg, q0, q1, plan.scale), _rows(rg, sh, q0, q1)
-        rows = (sh.B, sh.H_kv, G * tq)
+        qr = torch.cat([qt, rt], -2)                                     # one matmul gives q.k and r.k
+        n = G * tq
+        rows = (sh.B, sh.H_kv, n)
         m, l = q.new_full(rows, NEG_INF), q.new_zeros(rows)
-        acc_vk = q.new_zeros(*rows, sh.D_v + sh.D)                       # sum p [v | k]
-        acc_rv = q.new_zeros(*rows, sh.D_v)                              # sum p (r.k) v
+        acc = q.new_zeros(sh.B, sh.H_kv, 2 * n, sh.D_v)                  # [sum p v ; sum p (r.k) v]
+        rkp = q.new_zeros(rows)                                          # sum p (r.k)
         for k0, k1, needs_mask in segments(span, plan.block_k, masked):
-            s, allowed = scores(plan, qt, k, q0, q1, k0, k1, needs_mask, ())
-            rk = torch.matmul(rt, k[:, :, k0:k1].transpose(-1, -2))
+            sr = torch.matmul(qr, k[:, :, k0:k1].transpose(-1, -2))
+            s, rk = sr[:, :, :n], sr[:, :, n:]
+            _, allowed = mask_scores(plan, s, q0, q1, k0, k1, needs_mask, ())
             p, alpha, m, l = online_softmax_weights(s, m, l, False, allowed)
-            a = alpha.unsqueeze(-1)
-            acc_vk.mul_(a).add_(torch.matmul(p, vk[:, :, k0:k1]))
-            acc_rv.mul_(a).add_(torch.matmul(p.mul_(rk), v[:, :, k0:k1]))
+            rk.mul_(p)                                                   # sr is now [p ; p (r.k)]
+            rkp = torch.addcmul(rk.sum(-1), rkp, alpha)
+            acc.mul_(torch.cat([alpha, alpha], -1).unsqueeze(-1)).add_(torch.matmul(sr, v[:, :, k0:k1]))
         empty = l == 0
-        inv = 1.0 / torch.where(empty, torch.ones_like(l), l).unsqueeze(-1)
-        ob, kb = (acc_vk * inv).split([sh.D_v, sh.D], -1)
-        o = ob * (1 + (rt * kb).sum(-1, keepdim=True)) - acc_rv * inv
+        inv = 1.0 / torch.where(empty, torch.ones_like(l), l)
+        ob, rv = acc[:, :, :n] * inv.unsqueeze(-1), acc[:, :, n:] * inv.unsqueeze(-1)
+        rkb = rkp * inv                                                  # r . μ̄
+        o = ob * (1 + rkb).unsqueeze(-1) - rv
         sl = (slice(None), slice(None), slice(None), slice(q0, q1))
         out[sl] = o.view(sh.B, sh.H_kv, G, tq, sh.D_v)
         obar[sl] = ob.view(sh.B, sh.H_kv, G, tq, sh.D_v)
-        kbar[sl] = kb.view(sh.B, sh.H_kv, G, tq, sh.D)
+        rkbar[sl] = rkb.view(sh.B, sh.H_kv, G, tq)
         lse[sl] = torch.where(empty, torch.full_like(m, NEG_INF), m + torch.log(l)).view(sh.B, sh.H_kv, G, tq)
-    return out, obar, kbar, lse
+    return out, obar, rkbar, lse
 
 
-def _backward(plan, q, k, v, r, out, obar, kbar, lse, dout):
+def _backward(plan, q, k, v, r, out, obar, rkbar, lse, dout):
     sh = plan.shape
     G = sh.groups
     split = (sh.H_kv, G)
-    qg, rg, og, obg, kbg, dog = (x.unflatten(1, split) for x in (q, r, out, obar, kbar, dout))
+    qg, rg, og, obg, dog = (x.unflatten(1, split) for x in (q, r, out, obar, dout))
+    rkbg = rkbar.unflatten(1, split)
     lse_safe = torch.where(lse == NEG_INF, torch.full_like(lse, float("inf")), lse).unflatten(1, split)
     dq, dr = torch.zeros_like(qg), torch.zeros_like(rg)
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
@@ -81,37 +86,37 @@ def _backward(plan, q, k, v, r, out, obar, kbar, lse, dout):
         if span.hi <= span.lo:
             continue
         qt = q_tile(qg, q0, q1, plan.scale)
-        rt, dot, ot, obt, kbt = (_rows(x, sh, q0, q1) for x in (rg, dog, og, obg, kbg))
+        rt, dot, ot, obt = (_rows(x, sh, q0, q1) for x in (rg, dog, og, obg))
         lt = lse_safe[:, :, :, q0:q1].reshape(sh.B, sh.H_kv, G * tq, 1)
         a = (dot * obt).sum(-1, keepdim=True)                            # do . ō
-        rkb = (rt * kbt).sum(-1, keepdim=True)                           # r . μ̄
+        rkb = rkbg[:, :, :, q0:q1].reshape(sh.B, sh.H_kv, G * tq, 1)     # r . μ̄
         c = 1 + rkb
         delta = a * rkb + (dot * ot).sum(-1, keepdim=True)
         qr = torch.cat([qt, rt], -2)
-        dqt, pek = torch.zeros_like(qt), torch.zeros_like(rt)
+        dqt, drt = torch.zeros_like(qt), torch.zeros_like(rt)
         for k0, k1, needs_mask in segments(span, plan.block_k, masked):
             s, allowed = scores(plan, qt, k, q0, q1, k0, k1, needs_mask, ())
             p = exp_shifted_(s, lt, False, allowed)
             kt, vt = k[:, :, k0:k1], v[:, :, k0:k1]
             rk = torch.matmul(rt, kt.transpose(-1, -2))
             e = torch.matmul(dot, vt.transpose(-1, -2))
-            pe = p * e
             ds = p * (c * e + a * rk - rk * e - delta)
+            pae = p * (a - e)
             dqt += torch.matmul(ds, kt)
-            pek += torch.matmul(pe, kt)
-            dk[:, :, k0:k1] += torch.matmul(torch.cat([ds, p * a - pe], -2).transpose(-1, -2), qr)
+            drt += torch.matmul(pae, kt)                                 # dr = sum p (a - e) k = a μ̄ - sum p e k
+            dk[:, :, k0:k1] += torch.matmul(torch.cat([ds, pae], -2).transpose(-1, -2), qr)
             dv[:, :, k0:k1] += torch.matmul((p * (c - rk)).transpose(-1, -2), dot)
         dq[:, :, :, q0:q1] = (dqt * plan.scale).view(sh.B, sh.H_kv, G, tq, sh.D)
-        dr[:, :, :, q0:q1] = (a * kbt - pek).view(sh.B, sh.H_kv, G, tq, sh.D)
+        dr[:, :, :, q0:q1] = drt.view(sh.B, sh.H_kv, G, tq, sh.D)
     return dq.flatten(1, 2), dk, dv, dr.flatten(1, 2)
 
 
 class _Parallax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan, q, k, v, r):
-        out, obar, kbar, lse = (x.flatten(1, 2) for x in _forward(plan, q, k, v, r))
+        out, obar, rkbar, lse = (x.flatten(1, 2) for x in _forward(plan, q, k, v, r))
         ctx.plan = plan
-        ctx.save_for_backward(q, k, v, r, out, obar, kbar, lse)
+        ctx.save_for_backward(q, k, v, r, out, obar, rkbar, lse)
         return out
 
     @staticmethod

@@ -51,7 +51,13 @@ def rows(t: torch.Tensor, shape: Shape, tq: int) -> torch.Tensor:
 def scores(plan: Plan, qt, k, q0, q1, k0, k1, needs_mask, bias_tensors):
     """Scores of one tile with bias added and masked entries at -inf; also the tile's allowed mask in
     row layout (None when the tile needs no mask)."""
-    s = torch.matmul(qt, k[:, :, k0:k1].transpose(-1, -2))
+    return mask_scores(plan, torch.matmul(qt, k[:, :, k0:k1].transpose(-1, -2)), q0, q1, k0, k1, needs_mask,
+                       bias_tensors)
+
+
+def mask_scores(plan: Plan, s, q0, q1, k0, k1, needs_mask, bias_tensors):
+    """`scores` for a tile whose products `s` (row layout) are already computed (e.g. by a matmul shared
+    with other rows): bias added and masked entries set to -inf in place."""
     tq = q1 - q0
     allowed = None
     if plan.bias is not None:
