@@ -7,7 +7,8 @@ from . import cache  # noqa: E402  (after .api: cache builds on it)
 from .cache import decode
 from .lse import merge
 from .softmax.neighborhood import neighborhood
+from .softmax.local_linear import local_linear_attention
 from .softmax.parallax import parallax_attention
 
 __version__ = "0.1.0"
-__all__ = ["attention", "explain", "methods", "merge", "error", "decode", "cache", "neighborhood", "parallax_attention", "masks", "biases", "linear", "ssm"]
+__all__ = ["attention", "explain", "methods", "merge", "error", "decode", "cache", "neighborhood", "parallax_attention", "local_linear_attention", "masks", "biases", "linear", "ssm"]
