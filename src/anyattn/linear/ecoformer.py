@@ -86,14 +86,15 @@ def fit_ksh(x: torch.Tensor, num_bits: int, num_anchors: int, *, topk: int = 10,
     for r in range(num_bits):
         with torch.no_grad():
             start = _spectral_start(kern, R)
-        a = start.clone().requires_grad_(True)
-        opt = torch.optim.SGD([a], lr=lr, momentum=momentum, nesterov=True)
-        for _ in range(iterations):
-            y = 2 * torch.sigmoid(torch.einsum("bhnm,hm->bhn", kern, a)) - 1
-            loss = _objective(y, R, num_bits).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        a, buf = start.clone(), torch.zeros_like(start)
+        for _ in range(iterations):                                       # SGD, Nesterov momentum
+            with torch.enable_grad():                                     # also when called under no_grad
+                a.requires_grad_(True)
+                y = 2 * torch.sigmoid(torch.einsum("bhnm,hm->bhn", kern, a)) - 1
+                (grad,) = torch.autograd.grad(_objective(y, R, num_bits).sum(), a)
+            with torch.no_grad():
+                buf = momentum * buf + grad
+                a = a.detach() - lr * (grad + momentum * buf)
         with torch.no_grad():
             codes = [torch.where(torch.einsum("bhnm,hm->bhn", kern, w) > 0, 1.0, -1.0).to(dt) for w in (start, a)]
             better = _objective(codes[1], R, num_bits) < _objective(codes[0], R, num_bits)   # per head
