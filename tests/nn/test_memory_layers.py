@@ -1,4 +1,5 @@
-"""Issue-15 mixer layers (LightNet, Flowformer, TransNormer norm/diag, Titans mac/mag/mal): token-by-token
+"""Issue-15 mixer layers (LightNet, Flowformer, TransNormer norm/diag, Titans mac/mag/mal, Local Linear
+Attention, Parallax): token-by-token
 decoding and prefill-then-decode equal the full forward; gradients reach every parameter; registered
 in MIXERS; the generate loop and beam reordering drive them; bad arguments."""
 import pytest
@@ -16,6 +17,9 @@ CONFIGS = [
     ("titans", {"variant": "mal", "window": 5, "chunk_size": 3, "num_persistent": 2}),
     ("titans", {"variant": "mac", "segment_size": 6, "chunk_size": 4}),
     ("titans", {"variant": "mac", "segment_size": 5, "chunk_size": 2, "num_persistent": 0, "mode": "recurrent"}),
+    ("local_linear", {"mode": "dense"}),
+    ("local_linear", {"mode": "blocked", "cg_iters": 30}),
+    ("parallax", {}),
 ]
 
 

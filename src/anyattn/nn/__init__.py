@@ -6,14 +6,16 @@ from .generate import generate, prefill, reorder_states, step
 from .linear_layers import LINEAR_LAYERS, GatedDeltaNetLayer, GLALayer, KDALayer, MoMLayer
 from .memory_layers import (MEMORY_LAYERS, FlowformerLayer, LightNetLayer, TitansLayer, TransNormerLayer,
                             transnormer_layers)
+from .regression_layers import REGRESSION_LAYERS, LocalLinearAttentionLayer, ParallaxLayer
 from .neighborhood import NeighborhoodAttention1d, NeighborhoodAttention2d, NeighborhoodAttention3d
 from .rotary import RotaryEmbedding, apply_rotary
 from .ssm_layers import SSM_LAYERS, LongConvLayer, Mamba2Block, MambaBlock, S4DLayer
 
-MIXERS = {"attention": Attention, **LINEAR_LAYERS, **SSM_LAYERS, **MEMORY_LAYERS}
+MIXERS = {"attention": Attention, **LINEAR_LAYERS, **SSM_LAYERS, **MEMORY_LAYERS, **REGRESSION_LAYERS}
 
 __all__ = ["MIXERS", "LINEAR_LAYERS", "SSM_LAYERS", "S4DLayer", "MambaBlock", "Mamba2Block", "LongConvLayer",
            "Attention", "GLALayer", "GatedDeltaNetLayer", "KDALayer", "MoMLayer", "generate",
            "prefill", "step", "reorder_states", "NeighborhoodAttention1d", "NeighborhoodAttention2d",
            "NeighborhoodAttention3d", "RotaryEmbedding", "apply_rotary", "MEMORY_LAYERS", "LightNetLayer",
-           "FlowformerLayer", "TransNormerLayer", "transnormer_layers", "TitansLayer"]
+           "FlowformerLayer", "TransNormerLayer", "transnormer_layers", "TitansLayer",
+           "REGRESSION_LAYERS", "LocalLinearAttentionLayer", "ParallaxLayer"]
