@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from anyattn import linear as L
-from anyattn.linear.lightnet import _logcumsumexp
+from anyattn.linear.lightnet import _logcumsumexp, _normalized_keys
 
 
 def make(B=2, H=2, N=19, K=5, V=3, groups=1, seed=0, dtype=torch.float64, requires_grad=False, spread=2.0):
@@ -86,15 +86,27 @@ def test_initial_state_gradients_match_recurrent():
 @settings(deadline=None, max_examples=15)
 @given(N=st.integers(1, 200), K=st.integers(1, 4), spread=st.sampled_from([0.1, 3.0, 40.0, 400.0]),
        z0=st.sampled_from([float("-inf"), 0.0, 5.0]), seed=st.integers(0, 99))
-def test_blocked_logcumsumexp(N, K, spread, z0, seed):
-    """Blocked log-cumsum-exp equals torch's, including spreads that force its fallback."""
+def test_normalized_keys_against_torch(N, K, spread, z0, seed):
+    """Blocked log-cumsum-exp equals torch's; the normalized keys, decays and final z and their hand-written
+    gradients (x and the starting z) equal autograd through torch.logcumsumexp, including spreads that
+    force the fallback path."""
     gen = torch.Generator().manual_seed(seed)
-    for dt in (torch.float64, torch.float32):
-        x = (torch.randn(1, 2, N, K, generator=gen, dtype=torch.float64) * spread).to(dt)
-        zp = torch.full((1, 2, K), z0, dtype=dt)
-        want = torch.logaddexp(zp[:, :, None], torch.logcumsumexp(x, 2))
-        tol = 1e-12 if dt == torch.float64 else 1e-5
-        torch.testing.assert_close(_logcumsumexp(x, zp), want, rtol=tol, atol=tol * (1 + spread))
+    x = (torch.randn(1, 2, N, K, generator=gen, dtype=torch.float64) * spread).requires_grad_(True)
+    zp = torch.full((1, 2, K), z0, dtype=torch.float64, requires_grad=True)
+    if spread < 50:
+        torch.testing.assert_close(_logcumsumexp(x, zp), torch.logaddexp(zp[:, :, None], torch.logcumsumexp(x, 2)),
+                                   rtol=1e-12, atol=1e-12)
+    z = torch.logaddexp(zp[:, :, None], torch.logcumsumexp(x, 2))
+    want = (torch.exp(x - z), torch.diff(z, dim=2, prepend=(zp if z0 > -1e9 else z[:, :, 0])[:, :, None]).neg(), z[:, :, -1])
+    got = _normalized_keys(x, zp)
+    cot = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in want]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    inputs = (x, zp) if z0 > -1e9 else (x,)
+    ga = torch.autograd.grad(sum((a * c).sum() for a, c in zip(got, cot)), inputs)
+    gb = torch.autograd.grad(sum((b * c).sum() for b, c in zip(want, cot)), inputs)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * (1 + spread))
 
 
 @settings(deadline=None, max_examples=10)

@@ -57,30 +57,87 @@ def _decay(z_prev, z):
     return torch.where(torch.isinf(z_prev), torch.zeros_like(z), z_prev - z)
 
 
-# Tokens per block of the blocked log-cumsum-exp (see `_logcumsumexp`).
+# Tokens per block of the blocked running log-sum-exp (see `_NormalizedKeys`).
 _LCSE_BLOCK = 64
+# A block whose logits span more than this (in the dtype's exponent range) takes the exact slow path.
+_SPAN = {torch.float32: 75.0, torch.float64: 700.0}
 
 
-def _logcumsumexp(x: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
-    """`logaddexp(z0, logcumsumexp(x, 2))` for x `(B, H, N, D)`, z0 `(B, H, D)`.
-
-    Blocked: inside blocks of 64 tokens `m + log(cumsum(exp(x - m)))` with m the block's max (an
-    elementwise cumsum), then the blocks' totals by `torch.logcumsumexp` over N / 64 entries. Several
-    times faster than `torch.logcumsumexp` over N on CPU. Exact unless a block spans more than the
-    exponent range of the dtype (a term would underflow): then `torch.logcumsumexp` is used."""
+def _blocks(x):
     B, H, N, D = x.shape
-    C = _LCSE_BLOCK
-    pad = (-N) % C
+    pad = (-N) % _LCSE_BLOCK
     xp = torch.cat([x, x[:, :, -1:].expand(B, H, pad, D)], 2) if pad else x
-    xb = xp.reshape(B, H, -1, C, D)
+    return xp.reshape(B, H, -1, _LCSE_BLOCK, D)
+
+
+def _logcumsumexp(x: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    """`logaddexp(zp, logcumsumexp(x, 2))` for x `(B, H, N, D)`, zp `(B, H, D)`, blocked: inside blocks of
+    64 tokens `m + log(cumsum(exp(x - m)))` with m the block's max (an elementwise cumsum), then the block
+    totals by `torch.logcumsumexp` over N / 64 entries (several times faster than `torch.logcumsumexp`
+    over N on CPU). Exact when no block spans more than `_SPAN` (checked by the caller)."""
+    N = x.shape[2]
+    xb = _blocks(x)
     m = xb.amax(3, keepdim=True)
-    span = 80.0 if x.dtype == torch.float32 else 700.0
-    if bool(((m - xb.amin(3, keepdim=True)) > span).any()):
-        return torch.logaddexp(z0[:, :, None], torch.logcumsumexp(x, 2))
-    local = torch.log(torch.cumsum(torch.exp(xb - m), 3)) + m              # (B, H, n, C, D)
-    totals = torch.logcumsumexp(torch.cat([z0[:, :, None], local[:, :, :, -1]], 2), 2)  # z at block ends
+    local = torch.log(torch.cumsum(torch.exp(xb - m), 3)) + m                  # (B, H, n, C, D)
+    totals = torch.logcumsumexp(torch.cat([zp[:, :, None], local[:, :, :, -1]], 2), 2)   # z at block ends
     z = torch.logaddexp(totals[:, :, :-1, None], local)
-    return z.reshape(B, H, -1, D)[:, :, :N]
+    return z.flatten(2, 3)[:, :, :N]
+
+
+def _keys_and_decays(x, zp, z):
+    """k̃ = exp(x - z) and g_t = z_{t-1} - z_t (g_0 = 0 when nothing was seen before: zp = -inf)."""
+    g = torch.diff(z, dim=2, prepend=torch.where(torch.isinf(zp), z[:, :, 0], zp)[:, :, None]).neg_()
+    return torch.exp(x - z), g
+
+
+class _NormalizedKeys(torch.autograd.Function):
+    """x `(B, H, N, D)`, zp `(B, H, D)` -> (k̃, g, z_N) with a hand-written backward (autograd through the
+    blocked log-sum-exp keeps a dozen N x D tensors). With dz_t = -dk̃_t k̃_t - dg_t + dg_{t+1} (+ dz_N at
+    the end), `dx_s = dk̃_s k̃_s + sum_{t>=s} dz_t e^{x_s - z_t}`, computed per block with the block's first
+    z as reference (every factor <= 1 or bounded by the span check) and a reverse scan over blocks."""
+
+    @staticmethod
+    def forward(ctx, x, zp):
+        z = _logcumsumexp(x, zp)
+        k, g = _keys_and_decays(x, zp, z)
+        ctx.save_for_backward(x, zp, z, k)
+        return k, g, z[:, :, -1]
+
+    @staticmethod
+    def backward(ctx, dk, dg, dz_last):
+        x, zp, z, k = ctx.saved_tensors
+        B, H, N, D = x.shape
+        seen = torch.isfinite(zp)
+        dz = -dk * k - dg
+        dz[:, :, :-1] += dg[:, :, 1:]
+        dz[:, :, 0] += torch.where(seen, 0.0, dg[:, :, 0])                     # g_0 = 0 did not depend on z_0
+        dz[:, :, -1] += dz_last
+        zb, xb = _blocks(z), _blocks(x)
+        dzb = _blocks(torch.cat([dz, dz.new_zeros(B, H, zb.shape[2] * _LCSE_BLOCK - N, D)], 2) if N % _LCSE_BLOCK else dz)
+        ref = zb[:, :, :, :1]                                                     # (B, H, n, 1, D)
+        w = dzb * torch.exp(ref - zb)
+        suffix = w.flip(3).cumsum(3).flip(3)                                      # sum over t >= s inside the block
+        totals, refs = suffix[:, :, :, 0], ref[:, :, :, 0]                        # (B, H, n, D)
+        carry = [torch.zeros_like(totals[:, :, 0])]
+        for b in range(totals.shape[2] - 1, 0, -1):                               # later blocks, rescaled
+            carry.append(torch.exp(refs[:, :, b - 1] - refs[:, :, b]) * (totals[:, :, b] + carry[-1]))
+        carry = torch.stack(carry[::-1], 2)                                       # (B, H, n, D)
+        dx = torch.exp(xb - ref) * (suffix + carry[:, :, :, None])
+        dx = dx.flatten(2, 3)[:, :, :N] + dk * k
+        first = torch.exp(torch.where(seen, zp, refs[:, :, 0]) - refs[:, :, 0]) * (totals[:, :, 0] + carry[:, :, 0])
+        dzp = torch.where(seen, first + dg[:, :, 0], torch.zeros_like(zp))
+        return dx, dzp
+
+
+def _normalized_keys(x, zp):
+    """(k̃, g, z_N): the blocked custom-backward path when every block's logits span little enough, else
+    autograd through torch.logcumsumexp (exact for any logits, slower)."""
+    xb = _blocks(x)
+    if bool(((xb.amax(3) - xb.amin(3)) <= _SPAN[x.dtype]).all()):
+        return _NormalizedKeys.apply(x, zp)
+    z = torch.logaddexp(zp[:, :, None], torch.logcumsumexp(x, 2))
+    k, g = _keys_and_decays(x, zp, z)
+    return k, g, z[:, :, -1]
 
 
 def lightnet(q, k_logits, v, *, causal: bool = True, z0: float = float("-inf"), scale: float = 1.0,
@@ -105,12 +162,9 @@ def lightnet(q, k_logits, v, *, causal: bool = True, z0: float = float("-inf"), 
     x = k_logits.to(dt)
     S0, zp = _state(initial_state, "initial_state", k_logits, v.shape[-1], z0, dt)
     if causal:
-        z = _logcumsumexp(x, zp)
-        # g_t = z_{t-1} - z_t; at t = 0 it is 0 when nothing was seen before (z_prev = -inf)
-        g = torch.diff(z, dim=2, prepend=torch.where(torch.isinf(zp), z[:, :, 0], zp)[:, :, None]).neg_()
-        o, S = _run(q, torch.exp(x - z), v, g=g, scale=scale, initial_state=S0, output_final_state=True,
-                    mode=mode, chunk_size=chunk_size)
-        z = z[:, :, -1]
+        k, g, z = _normalized_keys(x, zp)
+        o, S = _run(q, k, v, g=g, scale=scale, initial_state=S0, output_final_state=True, mode=mode,
+                    chunk_size=chunk_size)
     else:
         z = torch.logaddexp(zp, torch.logsumexp(x, 2))
         S = torch.exp(x - z[:, :, None]).transpose(-1, -2) @ v.to(dt)

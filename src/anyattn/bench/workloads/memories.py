@@ -73,7 +73,7 @@ def _titans(mode, C=TITANS_C):
     return lambda x: L.titans(x["q"], x["k"], x["v"], x["theta"], x["alpha"], x["eta"], chunk_size=C, mode=mode)
 
 
-def _titans_case(N, quick):
+def _titans_case(N):
     contenders = {"chunk": _titans("chunk"), "sdpa": _sdpa}
     skip, forward_only = {}, {}
     if N <= LOOP_MAX_N:
@@ -105,7 +105,7 @@ def _titans_gdn_case(N):
 
 def _titans_cases(quick):
     sizes = QUICK if quick else SIZES
-    return [_titans_case(N, quick) for N in sizes] + [_titans_gdn_case(64 if quick else 1024)]
+    return [_titans_case(N) for N in sizes] + [_titans_gdn_case(64 if quick else 1024)]
 
 
 # ---------------------------------------------------------------------------------------- lightnet
