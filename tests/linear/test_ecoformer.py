@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 
 from anyattn import linear as L
 from anyattn.linear.ecoformer import _similarity_labels
@@ -89,6 +90,16 @@ def test_state_and_steps(official):
         outs.append(o_t[:, :, None])
     torch.testing.assert_close(torch.cat(outs, 2), o, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(st, S, rtol=1e-12, atol=1e-12)
+
+
+@settings(deadline=None, max_examples=10)
+@given(B=st.integers(1, 2), H=st.sampled_from([1, 2]), N=st.integers(1, 30), D=st.integers(1, 6), V=st.integers(1, 4),
+       m=st.integers(1, 6), b=st.integers(1, 8), causal=st.booleans(), official=st.booleans(), seed=st.integers(0, 999))
+def test_over_shapes(B, H, N, D, V, m, b, causal, official, seed):
+    fm = hasher(H=H, D=D, m=m, b=b, seed=seed, official_bias=official)
+    q, k, v = qkv(B=B, H=H, N=N, D=D, V=V, seed=seed + 1)
+    o = L.linear_attention(q, k, v, feature_map=fm, normalize=True, causal=causal, scale=1.0, eps=0.0, chunk_size=8)
+    torch.testing.assert_close(o, dense(q, k, v, fm, causal, official), rtol=1e-11, atol=1e-11)
 
 
 def test_fit_ksh_codes_follow_the_labels():

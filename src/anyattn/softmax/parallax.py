@@ -23,7 +23,7 @@ from .blocked import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 from .tiling import make_plan, mask_scores, q_tile, scores, segments
 
 
-def _rows(x, sh, q0, q1):
+def _rows(x, q0, q1):
     """Unscaled rows of a per-query tensor `(B, H_kv, G, N, F)` for one query tile: `(B, H_kv, G*Tq, F)`."""
     return q_tile(x, q0, q1, 1.0)
 
@@ -42,7 +42,7 @@ def _forward(plan, q, k, v, r):
         tq = q1 - q0
         if span.hi <= span.lo:
             continue
-        qt, rt = q_tile(qg, q0, q1, plan.scale), _rows(rg, sh, q0, q1)
+        qt, rt = q_tile(qg, q0, q1, plan.scale), _rows(rg, q0, q1)
         qr = torch.cat([qt, rt], -2)                                     # one matmul gives q.k and r.k
         n = G * tq
         rows = (sh.B, sh.H_kv, n)
@@ -86,7 +86,7 @@ def _backward(plan, q, k, v, r, out, obar, rkbar, lse, dout):
         if span.hi <= span.lo:
             continue
         qt = q_tile(qg, q0, q1, plan.scale)
-        rt, dot, ot, obt = (_rows(x, sh, q0, q1) for x in (rg, dog, og, obg))
+        rt, dot, ot, obt = (_rows(x, q0, q1) for x in (rg, dog, og, obg))
         lt = lse_safe[:, :, :, q0:q1].reshape(sh.B, sh.H_kv, G * tq, 1)
         a = (dot * obt).sum(-1, keepdim=True)                            # do . ō
         rkb = rkbg[:, :, :, q0:q1].reshape(sh.B, sh.H_kv, G * tq, 1)     # r . μ̄
