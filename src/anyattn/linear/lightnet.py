@@ -59,8 +59,9 @@ def _decay(z_prev, z):
 
 # Tokens per block of the blocked running log-sum-exp (see `_NormalizedKeys`).
 _LCSE_BLOCK = 64
-# A block whose logits span more than this (in the dtype's exponent range) takes the exact slow path.
-_SPAN = {torch.float32: 75.0, torch.float64: 700.0}
+# The blocked path is taken when every block's first w (see `_logcumsumexp`) is at least this: then
+# z_{block start} > (block max) - 69 (fp32; -667 fp64), so no exp in the forward or backward overflows.
+_SPAN = {torch.float32: 1e-30, torch.float64: 1e-290}
 
 
 def _blocks(x):
@@ -70,18 +71,22 @@ def _blocks(x):
     return xp.reshape(B, H, -1, _LCSE_BLOCK, D)
 
 
-def _logcumsumexp(x: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
-    """`logaddexp(zp, logcumsumexp(x, 2))` for x `(B, H, N, D)`, zp `(B, H, D)`, blocked: inside blocks of
-    64 tokens `m + log(cumsum(exp(x - m)))` with m the block's max (an elementwise cumsum), then the block
-    totals by `torch.logcumsumexp` over N / 64 entries (several times faster than `torch.logcumsumexp`
-    over N on CPU). Exact when no block spans more than `_SPAN` (checked by the caller)."""
+def _logcumsumexp(x: torch.Tensor, zp: torch.Tensor):
+    """`z = logaddexp(zp, logcumsumexp(x, 2))` for x `(B, H, N, D)`, zp `(B, H, D)`, blocked: inside blocks
+    of 64 tokens an elementwise `cumsum(exp(x - m))` with m the block's max; the block totals by
+    `torch.logcumsumexp` over N / 64 entries; then per block, with T the total of the earlier blocks and
+    r = max(m, T), `z = r + log(w)`, `w = e^{m - r} cumsum(exp(x - m)) + e^{T - r}` (every factor <= 1).
+    Several times faster than `torch.logcumsumexp` over N on CPU. Also returns the blocks' first `w`
+    (the smallest of each block): z is exact when it is a normal number far from underflow."""
     N = x.shape[2]
     xb = _blocks(x)
     m = xb.amax(3, keepdim=True)
-    local = torch.log(torch.cumsum(torch.exp(xb - m), 3)) + m                  # (B, H, n, C, D)
-    totals = torch.logcumsumexp(torch.cat([zp[:, :, None], local[:, :, :, -1]], 2), 2)   # z at block ends
-    z = torch.logaddexp(totals[:, :, :-1, None], local)
-    return z.flatten(2, 3)[:, :, :N]
+    cs = torch.cumsum(torch.exp(xb - m), 3)                                   # (B, H, n, C, D)
+    totals = torch.logcumsumexp(torch.cat([zp[:, :, None], m[:, :, :, 0] + torch.log(cs[:, :, :, -1])], 2), 2)
+    before = totals[:, :, :-1, None]                                          # z before each block
+    r = torch.maximum(m, before)
+    w = torch.addcmul(torch.exp(before - r), torch.exp(m - r), cs)
+    return torch.log(w).add_(r).flatten(2, 3)[:, :, :N], w[:, :, :, 0]
 
 
 def _keys_and_decays(x, zp, z):
@@ -97,9 +102,11 @@ class _NormalizedKeys(torch.autograd.Function):
     z as reference (every factor <= 1 or bounded by the span check) and a reverse scan over blocks."""
 
     @staticmethod
-    def forward(ctx, x, zp):
-        z = _logcumsumexp(x, zp)
-        k, g = _keys_and_decays(x, zp, z)
+    def forward(ctx, x, zp, z):
+        k = torch.sub(x, z).exp_()
+        g = torch.empty_like(z)
+        torch.sub(z[:, :, :-1], z[:, :, 1:], out=g[:, :, 1:])                   # g_t = z_{t-1} - z_t
+        g[:, :, 0] = torch.where(torch.isinf(zp), 0.0, zp - z[:, :, 0])
         ctx.save_for_backward(x, zp, z, k)
         return k, g, z[:, :, -1]
 
@@ -126,15 +133,17 @@ class _NormalizedKeys(torch.autograd.Function):
         dx = dx.flatten(2, 3)[:, :, :N] + dk * k
         first = torch.exp(torch.where(seen, zp, refs[:, :, 0]) - refs[:, :, 0]) * (totals[:, :, 0] + carry[:, :, 0])
         dzp = torch.where(seen, first + dg[:, :, 0], torch.zeros_like(zp))
-        return dx, dzp
+        return dx, dzp, None
 
 
 def _normalized_keys(x, zp):
-    """(k̃, g, z_N): the blocked custom-backward path when every block's logits span little enough, else
-    autograd through torch.logcumsumexp (exact for any logits, slower)."""
-    xb = _blocks(x)
-    if bool(((xb.amax(3) - xb.amin(3)) <= _SPAN[x.dtype]).all()):
-        return _NormalizedKeys.apply(x, zp)
+    """(k̃, g, z_N): the blocked path with the hand-written backward when every block's first running
+    log-sum-exp is within the dtype's range of the block's largest logit (then no term of the forward or the
+    backward under- or overflows), else autograd through torch.logcumsumexp (exact for any logits, slower)."""
+    with torch.no_grad():
+        z, start = _logcumsumexp(x, zp)
+    if bool((start >= _SPAN[x.dtype]).all()):
+        return _NormalizedKeys.apply(x, zp, z)
     z = torch.logaddexp(zp[:, :, None], torch.logcumsumexp(x, 2))
     k, g = _keys_and_decays(x, zp, z)
     return k, g, z[:, :, -1]
