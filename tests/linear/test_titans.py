@@ -196,3 +196,19 @@ def test_bad_inputs():
         L.titans(q, k, v, th, al, et, mode="scan")
     with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
         L.titans(q, k, v, th, al, et, chunk_size=0)
+
+
+def test_mid_chunk_state_gradients():
+    """Starting from a TitansState in the middle of a chunk (its own M_ref): chunk == loop, gradients of
+    M, S, M_ref and every input, and of the returned state's M_ref."""
+    inp = make(N=19, seed=12, state=False, requires_grad=True)
+    gen = torch.Generator().manual_seed(13)
+    M, S, R = (torch.randn(2, 2, 5, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    res = {}
+    for mode in ("chunk", "recurrent"):
+        o, s = L.titans(*(inp[n] for n in ("q", "k", "v", "theta", "alpha", "eta")), chunk_size=8, mode=mode,
+                        initial_state=TitansState(M, S, R, 3), output_final_state=True)
+        loss = (o * o).sum() + (s.M * s.S).sum() + (s.M_ref ** 2).sum()
+        res[mode] = [o, s.M, s.S, s.M_ref, *torch.autograd.grad(loss, [*inp.values(), M, S, R])]
+    for a, b in zip(res["chunk"], res["recurrent"]):
+        close(a, b)

@@ -96,9 +96,8 @@ def _chunk_coefficients(q, k, theta, la, le):
 def _chunks(q, k, v, theta, la, le, Y, M_ref, C):
     """Whole chunks: q (scaled), k `(BH, n*C, D_k)`, v `(BH, n*C, D_v)`, theta, la, le `(BH, n*C)`;
     Y = [M; S] `(BH, 2 D_k, D_v)`; M_ref `(BH, D_k, D_v)` the reference memory of the first chunk, or
-    None (the later chunks use their start memory). Per chunk (5 ops):
-    E = K M_ref - V, O = QQ Y - A E, Y <- T Y - WT E.
-    Returns (o `(BH, n*C, D_v)`, Y, the reference memory of the last chunk)."""
+    None (the later chunks use their start memory). Per group: the batched coefficients, then `_Loop`
+    (5 ops per chunk). Returns (o `(BH, n*C, D_v)`, Y, the reference memory of the last chunk)."""
     BH, L, K = k.shape
     V = v.shape[-1]
     n = L // C
@@ -110,14 +109,77 @@ def _chunks(q, k, v, theta, la, le, Y, M_ref, C):
     outs = []
     for qg, kg, vg, tg, ag, eg in zip(*(cut(x) for x in (q, k, v, theta, la, le))):
         QQ, A, WT, T = _chunk_coefficients(qg, kg, tg, ag, eg)
-        for k_i, v_i, QQ_i, A_i, WT_i, T_i in zip(kg.unbind(1), vg.unbind(1), QQ.unbind(1), A.unbind(1),
-                                                  WT.unbind(1), T.unbind(1)):
-            ref = Y[:, :K] if M_ref is None else M_ref
-            M_ref = None
-            E = torch.baddbmm(v_i, k_i, ref, beta=-1.0)                          # K M_ref - V
-            outs.append(torch.baddbmm(QQ_i @ Y, A_i, E, alpha=-1.0))
-            Y = torch.baddbmm((T_i @ Y.view(BH, 2, K * V)).view(BH, 2 * K, V), WT_i, E, alpha=-1.0)
-    return torch.cat(outs, 1), Y, ref
+        o, Y, ref = _Loop.apply(QQ, A, WT, T, kg, vg, Y, M_ref)
+        M_ref = None
+        outs.append(o)
+    return torch.cat(outs, 1) if len(outs) > 1 else outs[0], Y, ref
+
+
+def _loop(QQ, A, WT, T, k, v, Y, M_ref, keep: bool):
+    """The chunk loop of one group: QQ `(BH, n, C, 2K)`, A `(BH, n, C, C)`, WT `(BH, n, 2K, C)`, T
+    `(BH, n, 2, 2)`, k `(BH, n, C, K)`, v `(BH, n, C, V)`, Y `(BH, 2K, V)`, M_ref None or `(BH, K, V)`.
+    Per chunk: E = K M_ref - V, O = QQ Y - A E, Y <- T Y - WT E (M_ref: the chunk's start memory Y[:K],
+    or the given one for the first chunk). Returns (o `(BH, n*C, V)` when `keep`, else None; Y after the
+    group; the last chunk's reference; and, when not `keep`, the lists of the states before each chunk,
+    the E's and the references, for the backward)."""
+    BH, n, C, K = k.shape
+    V = v.shape[-1]
+    outs, Ys, Es, refs = [], [], [], []
+    for i in range(n):
+        ref = Y[:, :K] if (i > 0 or M_ref is None) else M_ref
+        E = torch.baddbmm(v[:, i], k[:, i], ref, beta=-1.0)                      # K M_ref - V
+        if keep:
+            outs.append(torch.baddbmm(QQ[:, i] @ Y, A[:, i], E, alpha=-1.0))
+        else:
+            Ys.append(Y)
+            Es.append(E)
+            refs.append(ref)
+        Y = torch.baddbmm((T[:, i] @ Y.view(BH, 2, K * V)).view(BH, 2 * K, V), WT[:, i], E, alpha=-1.0)
+    return (torch.cat(outs, 1) if keep else None), Y, ref, Ys, Es, refs
+
+
+class _Loop(torch.autograd.Function):
+    """The sequential part of one group of chunks with a hand-written backward: the forward keeps only the
+    group's starting state; the backward recomputes the states and E's of its chunks (two ops per chunk),
+    runs the recurrence backwards (dE = -A^T dO - WT^T dY', dY = QQ^T dO + T^T dY' + [K^T dE; 0]), and gets
+    the gradients of QQ, A, WT, T, K, V as batched matmuls over the group's chunks."""
+
+    @staticmethod
+    def forward(ctx, QQ, A, WT, T, k, v, Y, M_ref):
+        o, Y_out, ref, _, _, _ = _loop(QQ, A, WT, T, k, v, Y, M_ref, keep=True)
+        ctx.save_for_backward(QQ, A, WT, T, k, v, Y, M_ref)
+        return o, Y_out, ref.clone()
+
+    @staticmethod
+    def backward(ctx, do, dY, dref):
+        QQ, A, WT, T, k, v, Y, M_ref = ctx.saved_tensors
+        BH, n, C, K = k.shape
+        V = v.shape[-1]
+        _, _, _, Ys, Es, refs = _loop(QQ, A, WT, T, k, v, Y, M_ref, keep=False)
+        do = do.view(BH, n, C, V)
+        dY = torch.zeros_like(Y) if dY is None else dY
+        dE_list, dnext, dM_ref = [None] * n, [None] * n, None
+        for i in range(n - 1, -1, -1):
+            dnext[i] = dY
+            dE = torch.baddbmm(A[:, i].transpose(-1, -2) @ do[:, i], WT[:, i].transpose(-1, -2), dY).neg_()
+            dE_list[i] = dE
+            dR = k[:, i].transpose(-1, -2) @ dE
+            if i == n - 1 and dref is not None:
+                dR = dR + dref
+            dY = torch.baddbmm((T[:, i].transpose(-1, -2) @ dY.reshape(BH, 2, K * V)).view(BH, 2 * K, V),
+                               QQ[:, i].transpose(-1, -2), do[:, i])
+            if i > 0 or M_ref is None:
+                dY[:, :K] += dR
+            else:
+                dM_ref = dR
+        Ys, Es, refs, dE, dnext = (torch.stack(x, 1) for x in (Ys, Es, refs, dE_list, dnext))
+        flat = (lambda x: x.flatten(0, 1))
+        dQQ = (flat(do) @ flat(Ys).transpose(-1, -2)).view_as(QQ)
+        dA = (flat(do) @ flat(Es).transpose(-1, -2)).neg_().view_as(A)
+        dWT = (flat(dnext) @ flat(Es).transpose(-1, -2)).neg_().view_as(WT)
+        dT = (flat(dnext).reshape(BH * n, 2, K * V) @ flat(Ys).reshape(BH * n, 2, K * V).transpose(-1, -2)).view_as(T)
+        dk = (flat(dE) @ flat(refs).transpose(-1, -2)).view_as(k)
+        return dQQ, dA, dWT, dT, dk, dE.neg(), dY, dM_ref
 
 
 # ------------------------------------------------------------------------------------- recurrence
