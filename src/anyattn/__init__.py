@@ -10,8 +10,11 @@ from .softmax.neighborhood import neighborhood
 from .grid_order import grid_order
 from .softmax.combiner import combiner, combiner_step
 from .softmax.local_global import local_global_attention
+from .softmax.local_linear import local_linear_attention
+from .softmax.parallax import parallax_attention
 from .softmax.simplicial import simplicial_attention
 
 __version__ = "0.1.0"
 __all__ = ["attention", "explain", "methods", "merge", "error", "decode", "cache", "neighborhood", "combiner",
-           "combiner_step", "local_global_attention", "grid_order", "simplicial_attention", "masks", "biases", "linear", "ssm"]
+           "combiner_step", "local_global_attention", "grid_order", "simplicial_attention", "parallax_attention",
+           "local_linear_attention", "masks", "biases", "linear", "ssm"]

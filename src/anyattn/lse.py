@@ -48,13 +48,22 @@ def online_softmax_step(s: torch.Tensor, m: torch.Tensor, l: torch.Tensor, acc: 
     floor / allowed: see `exp_shifted_` (worth it when a bias spreads scores far below the row max).
     Returns the new `(m, l, acc)`.
     """
+    p, alpha, m_new, l = online_softmax_weights(s, m, l, floor, allowed)
+    acc.mul_(alpha.unsqueeze(-1)).add_(torch.matmul(p.to(v.dtype), v))
+    return m_new, l, acc
+
+
+def online_softmax_weights(s: torch.Tensor, m: torch.Tensor, l: torch.Tensor, floor: bool = False,
+                           allowed: torch.Tensor | None = None):
+    """The probability part of one online-softmax step, for engines with several accumulators: returns
+    `(p, alpha, m_new, l_new)` with `p = exp(s - m_new)` (in place in s) and `alpha = exp(m - m_new)`, the
+    factor by which every accumulator of these rows must be rescaled before adding this tile's part."""
     m_new = torch.maximum(m, s.amax(dim=-1))
     m_safe = finite_or_zero(m_new)
     alpha = torch.exp(m - m_safe)
     p = exp_shifted_(s, m_safe.unsqueeze(-1), floor, allowed)
     l = torch.addcmul(p.sum(dim=-1), l, alpha)
-    acc.mul_(alpha.unsqueeze(-1)).add_(torch.matmul(p.to(v.dtype), v))
-    return m_new, l, acc
+    return p, alpha, m_new, l
 
 
 def finish(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -118,7 +118,7 @@ def test_chunk_size_and_scale():
 
 def test_feature_map_errors():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"feature_map must be one of \['elu1', 'relu', 'performer', 'cosformer', 'nalaformer'\] or a callable, got 'tanh'"):
+    with pytest.raises(ValueError, match=r"feature_map must be one of \['elu1', 'relu', 'performer', 'cosformer', 'nalaformer', 'ecoformer'\] or a callable, got 'tanh'"):
         L.linear_attention(q, k, v, feature_map="tanh")
     with pytest.raises(TypeError, match="feature_map must be a str, a callable or None, got int"):
         L.linear_attention(q, k, v, feature_map=3)

@@ -101,7 +101,11 @@ def _linear_attention(p, layout, rank, initial_state, output_final_state):
         fm = CosformerFeatures(layout.n_global)
     fmap = resolve_feature_map(fm, q.shape[-1], opts)
     dt = _compute_dtype(q)
-    fq, fk = zip(*[_features(q.narrow(2, lo, n), k.narrow(2, lo, n), fmap, None, g0) for lo, n, g0 in runs(layout, rank)])
+    if getattr(fmap, "self_bias", None) is not None:
+        raise ValueError("ad.linear does not run a feature map with a self_bias numerator (EcoFormer's "
+                         "official_bias=True): use official_bias=False")
+    fq, fk, _ = zip(*[_features(q.narrow(2, lo, n), k.narrow(2, lo, n), fmap, None, g0)
+                      for lo, n, g0 in runs(layout, rank)])
     fq, fk = torch.cat(fq, 2).to(dt), torch.cat(fk, 2).to(dt)
     vv = v.to(dt)
     if p["normalize"]:

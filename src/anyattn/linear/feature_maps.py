@@ -19,6 +19,12 @@ Inputs are `(B, H, N, D)`; outputs `(B, H, N, F)` where F is the feature dimensi
   keys are cubed elementwise and split `[relu(k^3), relu(-k^3)]`, then L2-normalized; queries are
   split `[relu(q), relu(-q)] / |q|` and raised elementwise to the per-query power
   `p = 3 (0.5 + tanh |q|)` (query norm controls the spikiness).
+- ``ecoformer``: binary hash codes (Liu et al., 2022, "EcoFormer: Energy-Saving Attention with Linear
+  Complexity"): `x̂ = x / |x|`, Gaussian kernel to m anchors, centred, `h = sign(A κ̃) ∈ {±1}^b`
+  (straight-through gradient where `|A κ̃| < 1`), features `[h, sqrt(b + 1)]` so that
+  `phi(q) . phi(k) = h_q . h_k + b + 1 >= 1`; use with `normalize=True, scale=1`. The hash functions
+  come from `anyattn.linear.fit_ksh` (kernelized supervised hashing), which returns an
+  `EcoformerFeatures`; `official_bias=True` gives the public code's numerator (see the class).
 """
 from __future__ import annotations
 
@@ -138,11 +144,87 @@ class NalaformerFeatures:
         return fq, fk
 
 
+class _SignSTE(torch.autograd.Function):
+    """sign with values in {-1, 1} (0 maps to -1); straight-through gradient inside (-1, 1), as in EcoFormer."""
+
+    @staticmethod
+    def forward(ctx, y):
+        ctx.save_for_backward(y)
+        return torch.where(y > 0, torch.ones_like(y), -torch.ones_like(y))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (y.abs() < 1).to(grad.dtype)
+
+
+class EcoformerFeatures:
+    """EcoFormer's hashing feature map (see the module docstring), per head: anchors `(H, m, D)`, hash
+    weights `(H, b, m)`, kernel centres `(H, m)` (mean kernel value of the fitting samples), Gaussian
+    bandwidth sigma2 `(H,)` (mean squared sample-anchor distance at fitting; fixed, so the map is causal:
+    the public code recomputes it from each call's tokens). H may be 1 (shared) or divide the inputs' heads.
+    Feature dim b + 1.
+
+    official_bias: the public code's numerator `sum_j (h_i . h_j) v_j + (b + 1) v_i` (the bias term counts
+    the query's own value once) instead of `sum_j (h_i . h_j + b + 1) v_j`; the denominator is the same.
+    `linear_attention` honours it through `self_bias` (= b + 1)."""
+
+    def __init__(self, anchors, weights, centers, sigma2, official_bias: bool = False):
+        from ..validate import check_tensor
+        for name, x, nd in (("anchors", anchors, 3), ("weights", weights, 3), ("centers", centers, 2),
+                            ("sigma2", sigma2, 1)):
+            check_tensor(name, x, nd)
+        H, m, _ = anchors.shape
+        if weights.shape[0] != H or weights.shape[2] != m:
+            raise ValueError(f"weights must have shape (H, b, m) with (H, m) = {(H, m)}, got {tuple(weights.shape)}")
+        if tuple(centers.shape) != (H, m) or tuple(sigma2.shape) != (H,):
+            raise ValueError(f"centers must have shape (H, m) = {(H, m)} and sigma2 (H,) = ({H},), got "
+                             f"{tuple(centers.shape)} and {tuple(sigma2.shape)}")
+        if not isinstance(official_bias, bool):
+            raise TypeError(f"official_bias must be a bool, got {type(official_bias).__name__}")
+        self.anchors, self.weights, self.centers, self.sigma2 = anchors, weights, centers, sigma2
+        self.num_bits = weights.shape[1]
+        self.official_bias = official_bias
+
+    @property
+    def self_bias(self):
+        """b + 1 when the public code's numerator is asked for (read by `linear_attention`), else None."""
+        return float(self.num_bits + 1) if self.official_bias else None
+
+    def _per_head(self, t, H, dt, device):
+        h = t.shape[0]
+        if H % h != 0:
+            raise ValueError(f"EcoFormer hash functions have {h} heads, which must divide the inputs' {H} heads")
+        return t.to(device=device, dtype=dt).repeat_interleave(H // h, 0)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """`A κ̃(x̂)` `(B, H, N, b)`: the real values whose signs are the codes."""
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x = F.normalize(x.to(dt), dim=-1)
+        H = x.shape[1]
+        a = self._per_head(self.anchors, H, dt, x.device)                      # (H, m, D)
+        d2 = (x.square().sum(-1, keepdim=True) - 2 * x @ a.transpose(-1, -2) + a.square().sum(-1)[:, None])
+        kern = torch.exp(-d2.clamp_min(0) / (2 * self._per_head(self.sigma2, H, dt, x.device)[:, None, None]))
+        kern = kern - self._per_head(self.centers, H, dt, x.device)[:, None]
+        return kern @ self._per_head(self.weights, H, dt, x.device).transpose(-1, -2)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Binary codes `h ∈ {-1, 1}^b` `(B, H, N, b)` with the straight-through gradient."""
+        return _SignSTE.apply(self.logits(x))
+
+    def __call__(self, x):
+        h = self.codes(x)
+        return torch.cat([h, torch.full_like(h[..., :1], math.sqrt(self.num_bits + 1))], -1)
+
+    def map_qk(self, q, k, offset: int = 0):
+        return self(q), self(k)
+
+
 def _elu1(x):
     return F.elu(x) + 1.0
 
 
-FEATURE_MAPS = ("elu1", "relu", "performer", "cosformer", "nalaformer")
+FEATURE_MAPS = ("elu1", "relu", "performer", "cosformer", "nalaformer", "ecoformer")
 
 
 def resolve_feature_map(feature_map, dim: int, options: dict | None = None):
@@ -159,6 +241,8 @@ def resolve_feature_map(feature_map, dim: int, options: dict | None = None):
             return CosformerFeatures(**options)
         if feature_map == "nalaformer":
             return NalaformerFeatures(**options)
+        if feature_map == "ecoformer":
+            return EcoformerFeatures(**options)
         raise ValueError(f"feature_map must be one of {list(FEATURE_MAPS)} or a callable, got {feature_map!r}")
     if hasattr(feature_map, "map_qk"):
         return feature_map

@@ -197,9 +197,10 @@ def _step(q_t, k_t, v_t, state, scale, g=None, beta=None):
 
 
 def _features(q, k, feature_map, feature_options, offset):
+    """(phi(q), phi(k), self_bias): self_bias is the map's `self_bias` (EcoFormer's official numerator) or None."""
     fmap = resolve_feature_map(feature_map, q.shape[-1], feature_options)
     if fmap is None:
-        return q, k
+        return q, k, None
     fq, fk = fmap.map_qk(q, k, offset)
     for name, f, x in (("feature_map(q)", fq, q), ("feature_map(k)", fk, k)):
         if not isinstance(f, torch.Tensor) or tuple(f.shape[:-1]) != tuple(x.shape[:-1]):
@@ -207,7 +208,19 @@ def _features(q, k, feature_map, feature_options, offset):
             raise ValueError(f"{name} must return shape {tuple(x.shape[:-1]) + ('F',)}, got {shape}")
     if fq.shape[-1] != fk.shape[-1]:
         raise ValueError(f"feature_map must give q and k the same feature dim, got {fq.shape[-1]} and {fk.shape[-1]}")
-    return fq, fk
+    return fq, fk, getattr(fmap, "self_bias", None)
+
+
+def _self_bias(o, v, const_row, c2: float, scale: float, causal: bool):
+    """Numerator with a map's constant last feature c = sqrt(c2) counted on the query's own value only
+    (EcoFormer's public code): `o - scale c2 (sum_{j<=i} v_j + prior) + scale c2 v_i`, where the prior sum of
+    values is `const_row / c` (the constant feature's row of the initial state, or None). o `(B, H_q, N, D_v)`,
+    v `(B, H, N, D_v)`."""
+    G = o.shape[1] // v.shape[1]
+    total = v.cumsum(2) if causal else v.sum(2, keepdim=True)
+    if const_row is not None:
+        total = total + const_row[:, :, None] / math.sqrt(c2)
+    return o + (scale * c2) * (v - total).repeat_interleave(G, 1)
 
 
 def linear_attention(q, k, v, feature_map="elu1", normalize: bool = False, causal: bool = True, *,
@@ -231,7 +244,7 @@ def linear_attention(q, k, v, feature_map="elu1", normalize: bool = False, causa
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
     dt = _compute_dtype(q)
-    fq, fk = _features(q, k, feature_map, feature_options, 0)
+    fq, fk, self_bias = _features(q, k, feature_map, feature_options, 0)
     fq, fk = fq.to(dt), fk.to(dt)
     vv = v.to(dt)
     if normalize:
@@ -250,6 +263,10 @@ def linear_attention(q, k, v, feature_map="elu1", normalize: bool = False, causa
     else:
         o, S = _chunk.chunk_decay_attention(fqg, fk, vv, scale, None, S0, chunk_size, **_engine_options(q.dtype, q))
     o = o.reshape(*q.shape[:-1], vv.shape[-1])
+    if self_bias:
+        Dv = v.shape[-1]
+        num = _self_bias(o[..., :Dv], vv[..., :Dv], None if S0 is None else S0[..., -1, :Dv], self_bias, scale, causal)
+        o = torch.cat([num, o[..., Dv:]], -1)
     if normalize:
         o = o[..., :-1] / (o[..., -1:] + eps)
     o = o.to(q.dtype)
@@ -262,7 +279,7 @@ def linear_attention_step(q_t, k_t, v_t, state=None, feature_map="elu1", normali
     `(B, H, F, D_v[+1])` or None. `position` (0-based index of this token) matters only for
     cosFormer (give `feature_options={"max_len": M}` so M is fixed). Returns `(o_t, state)`."""
     _check_qkv(q_t, k_t, v_t, step=True)
-    fq, fk = _features(q_t[:, :, None], k_t[:, :, None], feature_map, feature_options, position)
+    fq, fk, self_bias = _features(q_t[:, :, None], k_t[:, :, None], feature_map, feature_options, position)
     dt = _compute_dtype(q_t)
     fq, fk = fq[:, :, 0].to(dt), fk[:, :, 0].to(dt)
     vv = v_t.to(dt)
@@ -270,6 +287,11 @@ def linear_attention_step(q_t, k_t, v_t, state=None, feature_map="elu1", normali
         vv = torch.cat([vv, vv.new_ones(*vv.shape[:-1], 1)], -1)
     scale = check_scale(scale, q_t.shape[-1])
     o, S = _step(fq, fk, vv, state, scale)
+    if self_bias:
+        Dv = v_t.shape[-1]
+        prior = S[..., -1, :Dv] - math.sqrt(self_bias) * vv[..., :Dv]       # constant row before this token
+        num = _self_bias(o[..., None, :Dv], vv[..., None, :Dv], prior, self_bias, scale, True)[..., 0, :]
+        o = torch.cat([num, o[..., Dv:]], -1)
     if normalize:
         o = o[..., :-1] / (o[..., -1:] + eps)
     return o.to(q_t.dtype), S

@@ -102,7 +102,7 @@ def generate(layers, prompt: torch.Tensor, max_new_tokens: int, *,
 
 def reorder_states(states, index: torch.Tensor):
     """Reorder the batch of every state (beam search): a `KVCache` is reordered in place and returned, tensors
-    are `index_select`ed on dim 0, tuples / lists / dicts recursively, None stays None."""
+    are `index_select`ed on dim 0, tuples / named tuples / lists / dicts recursively, None and numbers stay."""
     if states is None:
         return None
     if isinstance(states, KVCache):
@@ -110,8 +110,12 @@ def reorder_states(states, index: torch.Tensor):
         return states
     if isinstance(states, torch.Tensor):
         return states.index_select(0, index.to(states.device))
+    if isinstance(states, (int, float, bool)):
+        return states
     if isinstance(states, (list, tuple)):
         out = [reorder_states(s, index) for s in states]
+        if hasattr(states, "_fields"):                                   # NamedTuple states
+            return type(states)(*out)
         return type(states)(out) if isinstance(states, tuple) else out
     if isinstance(states, dict):
         return {k: reorder_states(s, index) for k, s in states.items()}

@@ -16,78 +16,15 @@ gradient accumulators are fp32. Outputs come back in the input dtype.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..lse import NEG_INF, exp_shifted_, finish, online_softmax_step
-from ..masks import Mask, Span
 from ..precision import matmul_dtype, stat_dtype
 from ..validate import Shape
+from .tiling import Plan as _Plan, make_plan, q_tile as _q_tile, rows as _rows, scores as _scores, segments as _segments
 
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 512
-
-
-@dataclass
-class _Plan:
-    shape: Shape
-    scale: float
-    mask: Mask | None
-    bias: object | None
-    block_q: int
-    block_k: int
-    spans: list
-    stat: torch.dtype  # dtype of scores, statistics and accumulators (fp32 or fp64)
-
-
-def _segments(span: Span, block_k: int, masked: bool):
-    """Key tiles `(k0, k1, needs_mask)` covering `[lo, hi)`, split at the full range's borders."""
-    if not masked:
-        return [(k0, min(k0 + block_k, span.hi), False) for k0 in range(span.lo, span.hi, block_k)]
-    out = []
-    for a, b, m in ((span.lo, span.full_lo, True), (span.full_lo, span.full_hi, False), (span.full_hi, span.hi, True)):
-        out.extend((k0, min(k0 + block_k, b), m) for k0 in range(a, b, block_k))
-    return out
-
-
-def _rows(t: torch.Tensor, shape: Shape, tq: int) -> torch.Tensor:
-    """A `(B|1, H|1, Tq|1, Tk)` tile -> the engine's `(B|1, H_kv|1, G*Tq|1, Tk)` row layout."""
-    G = shape.groups
-    b, h, r, c = t.shape
-    if h == 1 and (r == 1 or G == 1):
-        return t
-    if h == 1:
-        return t.unsqueeze(2).expand(b, 1, G, r, c).reshape(b, 1, G * r, c)
-    t = t.reshape(b, shape.H_kv, G, r, c)
-    if r == 1 and G == 1:
-        return t.reshape(b, shape.H_kv, 1, c)
-    return t.expand(b, shape.H_kv, G, tq, c).reshape(b, shape.H_kv, G * tq, c)
-
-
-def _scores(plan: _Plan, qt, k, q0, q1, k0, k1, needs_mask, bias_tensors):
-    """Scores of one tile with bias added and masked entries at -inf; also the tile's allowed mask in
-    row layout (None when the tile needs no mask)."""
-    s = torch.matmul(qt, k[:, :, k0:k1].transpose(-1, -2))
-    if s.dtype != plan.stat:
-        s = s.to(plan.stat)
-    tq = q1 - q0
-    allowed = None
-    if plan.bias is not None:
-        bt = plan.bias.tile(bias_tensors, q0, q1, k0, k1, plan.shape.N_q, plan.shape.N_k)
-        s.add_(_rows(bt.detach().to(s.dtype), plan.shape, tq))
-    if needs_mask:
-        allowed = _rows(plan.mask.tile(q0, q1, k0, k1, plan.shape.N_q, plan.shape.N_k, s.device), plan.shape, tq)
-        s.masked_fill_(~allowed, NEG_INF)
-    return s, allowed
-
-
-def _q_tile(qg, q0, q1, scale, stat):
-    """Scaled query rows of one tile: `(B, H_kv, G*Tq, D)` in q's dtype (scaled in `stat`, rounded once)."""
-    B, Hkv, G, _, D = qg.shape
-    qt = qg[:, :, :, q0:q1]
-    qt = qt * scale if qt.dtype == stat else (qt.to(stat) * scale).to(qt.dtype)
-    return qt.reshape(B, Hkv, G * (q1 - q0), D)
 
 
 def _forward(plan: _Plan, q, k, v, bias_tensors):
@@ -203,12 +140,6 @@ class _BlockedAttention(torch.autograd.Function):
         return (None, dq, dk, dv, *dbias)
 
 
-def _make_plan(mask, bias, scale, shape, block_q, block_k, stat) -> _Plan:
-    spans = mask.tile_ranges(shape.N_q, shape.N_k, block_q) if mask is not None else \
-        [Span(0, shape.N_k, 0, shape.N_k)] * ((shape.N_q + block_q - 1) // block_q)
-    return _Plan(shape, scale, mask, bias, block_q, block_k, spans, stat)
-
-
 def blocked_block_backward(q, k, v, out, lse, dout, dlse, mask, bias, scale: float, shape: Shape,
                            block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K):
     """Gradients of one key block given the rows' *final* `out` and `lse` over all key blocks, for callers
@@ -216,7 +147,7 @@ def blocked_block_backward(q, k, v, out, lse, dout, dlse, mask, bias, scale: flo
     global probabilities, and `delta = rowsum(dout * out) - dlse`. Inputs in float32/float64 (the
     work dtype); dlse may be None. Returns `(dq, dk, dv, dbias)` with dbias one gradient (or None when
     not required) per `bias.tensors()`."""
-    plan = _make_plan(mask, bias, scale, shape, block_q, block_k, stat_dtype(q.dtype))
+    plan = make_plan(shape, scale, mask, bias, block_q, block_k, stat_dtype(q.dtype))
     bias_tensors = tuple(bias.tensors()) if bias is not None else ()
     needs = [t.requires_grad for t in bias_tensors]
     dq, dk, dv, dbias = _backward(plan, q, k, v, out, lse, dout, dlse, [t.detach() for t in bias_tensors], needs)
@@ -229,7 +160,7 @@ def blocked_attention(q, k, v, mask, bias, scale: float, shape: Shape,
     mask: a `masks.Mask` or None; bias: a `biases.Bias` or None. Returns out `(B, H, N_q, D_v)` in q's
     dtype and lse `(B, H, N_q)` in float32 (float64 for float64 inputs)."""
     dtype = q.dtype
-    plan = _make_plan(mask, bias, scale, shape, block_q, block_k, stat_dtype(dtype))
+    plan = make_plan(shape, scale, mask, bias, block_q, block_k, stat_dtype(dtype))
     bias_tensors = tuple(bias.tensors()) if bias is not None else ()
     out, lse = _BlockedAttention.apply(plan, q, k, v, *bias_tensors)
     return out.to(dtype), lse
