@@ -1,5 +1,5 @@
 """Shared plumbing of the approximate methods: option checks, seeded generators, mask screening,
-grouped-query expansion and the fused exact path (attention with LSE) their exact pieces run on.
+grouped-query expansion. Their exact pieces run on `softmax.lse_attention.attention_lse`.
 
 Every approximate method accepts `seed=` (int, default 0; None draws fresh randomness each call):
 its random draws (projections, samples) come from a CPU `torch.Generator` seeded with it, so a call
@@ -95,21 +95,6 @@ def causal_offset(mask, n_q: int, n_k: int) -> int | None:
     if isinstance(mask, Causal):
         return mask.offset(n_q, n_k)
     return None
-
-
-def fused_attention(q, k, v, mask=None, scale: float | None = None):
-    """Exact attention with LSE on the softmax engines: `sdpa` (fused kernel with a differentiable LSE)
-    where the device and mask allow it, else `blocked`. q `(B, H, N_q, D)`, k, v with `H_kv` heads
-    dividing H; mask: None, `Causal` or `Dense`. Returns `(out, lse)`."""
-    from ..softmax.blocked import blocked_attention
-    from ..softmax.sdpa import lower, lse_supported, sdpa_attention
-
-    shape = Shape(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3])
-    scale = shape.D ** -0.5 if scale is None else scale
-    attn_mask, is_causal, reason = lower(mask, None, shape)
-    if reason is None and lse_supported(q.device, q.dtype):
-        return sdpa_attention(q, k, v, attn_mask, is_causal, scale, shape, True)
-    return blocked_attention(q, k, v, mask, None, scale, shape)
 
 
 def pad_to(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:

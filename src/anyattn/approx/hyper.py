@@ -30,7 +30,8 @@ import torch
 from ..lse import merge
 from ..masks import Causal, Dense
 from ..registry import Method, Request, register
-from ._common import SEED_DOC, expand_kv, finish, fused_attention, generator, pad_to, positive_int, screen
+from ..softmax.lse_attention import attention_lse
+from ._common import SEED_DOC, expand_kv, finish, generator, pad_to, positive_int, screen
 
 DEFAULT_BLOCK = 256
 DEFAULT_SAMPLES = 256
@@ -103,7 +104,7 @@ def noncausal(q, k, v, scale: float, plan: Plan):
     if nb * bk != N_k:
         valid = torch.arange(nb * bk, device=q.device) < N_k
         mask = Dense(valid.view(1, nb, 1, bk))
-    o1, l1 = fused_attention(qb, kb, vb, mask=mask, scale=scale)
+    o1, l1 = attention_lse(qb, kb, vb, mask=mask, scale=scale)
     o1 = o1.reshape(B, H, nb * bq, D_v)[:, :, :N_q]
     l1 = l1.reshape(B, H, nb * bq)[:, :, :N_q]
     if nb == 1:
@@ -114,7 +115,7 @@ def noncausal(q, k, v, scale: float, plan: Plan):
         q_block = torch.arange(N_q, device=q.device) // bq
         s_block = plan.samples // bk  # (B, H, m)
         allowed = q_block.view(1, 1, N_q, 1) != s_block.unsqueeze(2)
-        o2, l2 = fused_attention(qs, ksub, vsub, mask=Dense(allowed), scale=scale)
+        o2, l2 = attention_lse(qs, ksub, vsub, mask=Dense(allowed), scale=scale)
         out_s, lse_s = merge([o1, o2], [l1, l2 + math.log(plan.weight)])
     # 3. unsort
     inv = torch.argsort(plan.q_order, dim=-1)
@@ -126,7 +127,7 @@ def noncausal(q, k, v, scale: float, plan: Plan):
 def _causal(q, k, v, scale, opts, gen):
     N = q.shape[2]
     if N <= opts["min_seq_len"]:
-        return fused_attention(q, k, v, mask=Causal(), scale=scale)
+        return attention_lse(q, k, v, mask=Causal(), scale=scale)
     h = N // 2
     o1, l1 = _causal(q[:, :, :h], k[:, :, :h], v[:, :, :h], scale, opts, gen)
     o2, l2 = _causal(q[:, :, h:], k[:, :, h:], v[:, :, h:], scale, opts, gen)

@@ -28,7 +28,8 @@ import torch
 from ..lse import NEG_INF
 from ..masks import Causal, Dense
 from ..registry import Method, Request, register
-from ._common import (SEED_DOC, check_choice, expand_kv, finish, fused_attention, key_lengths, pad_to,
+from ..softmax.lse_attention import attention_lse
+from ._common import (SEED_DOC, check_choice, expand_kv, finish, key_lengths, pad_to,
                       positive_int, screen)
 from .performer import favor_features, projection
 
@@ -137,7 +138,7 @@ def sea_attention(q, k, v, scale: float, sel: torch.Tensor, *, block_q: int, blo
             qpos = (torch.arange(nqb * block_q, device=q.device) + causal_offset).view(1, 1, nqb, block_q, 1)
             allowed = allowed & (pos <= qpos)
         mask = Dense(allowed.expand(B, H, nqb, -1, -1).reshape(B * H, nqb, -1, nsel * block_k))
-    out, lse = fused_attention(qs, ks, vs, mask=mask, scale=scale)
+    out, lse = attention_lse(qs, ks, vs, mask=mask, scale=scale)
     out = out.reshape(B, H, nqb * block_q, D_v)[:, :, :N_q]
     lse = lse.reshape(B, H, nqb * block_q)[:, :, :N_q]
     return out, lse

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..lse import merge
+from ..masks import Causal, Dense
 from ..validate import Shape, check_qkv, check_scale
 from .lse_attention import attention_lse
 from .sdpa import sdpa_attention
@@ -96,16 +97,17 @@ def _local(q, k, v, s, is_causal, scale):
     Dv = v.shape[-1]
     R_full = N // s
     outs, lses = [], []
+    causal = Causal("top_left") if is_causal else None
     if R_full:
         m = R_full * s
         qs, ks, vs = (x[:, :, :m].reshape(B * H, R_full, s, x.shape[-1]) for x in (q, k, v))
-        o, l = attention_lse(qs, ks, vs, None, is_causal, scale, Shape(B * H, R_full, R_full, s, s, D, Dv))
+        o, l = attention_lse(qs, ks, vs, causal, scale, Shape(B * H, R_full, R_full, s, s, D, Dv))
         outs.append(o.reshape(B, H, m, Dv))
         lses.append(l.reshape(B, H, m))
     if N > R_full * s:
         qs, ks, vs = (x[:, :, R_full * s:] for x in (q, k, v))
         t = qs.shape[2]
-        o, l = attention_lse(qs, ks, vs, None, is_causal, scale, Shape(B, H, H, t, t, D, Dv))
+        o, l = attention_lse(qs, ks, vs, causal, scale, Shape(B, H, H, t, t, D, Dv))
         outs.append(o)
         lses.append(l)
     return torch.cat(outs, 2), torch.cat(lses, 2)
@@ -140,7 +142,7 @@ def combiner(q, k, v, *, segment_size=None, is_causal: bool = True, pooling: str
         allowed = (rho[None, :] < seg[:, None]) if is_causal else (rho[None, :] != seg[:, None])
         first = s if is_causal else 0  # causal: the first segment has no summary to attend
         qq = q[:, :, first:]
-        o2, l2 = attention_lse(qq, kb, vt, allowed[first:].view(1, 1, N - first, R), False, scale,
+        o2, l2 = attention_lse(qq, kb, vt, Dense(allowed[first:].view(1, 1, N - first, R)), scale,
                                 Shape(B, H, H, N - first, R, D, Dv))
         o_m, l_m = merge([out[:, :, first:], o2.to(out.dtype)], [lse[:, :, first:], l2.to(lse.dtype)])
         if first:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..grid_order import ORDERS
 from ..lse import merge
+from ..masks import Dense
 from ..validate import Shape, check_qkv, check_scale
 from .lse_attention import attention_lse
 from .sdpa import sdpa_attention
@@ -143,11 +144,11 @@ def local_global_attention(q, k, v, q_g, k_g, v_g, *, grid, window, order: str =
     qb, kb, vb = (_to_blocks(x, grid, win, order) for x in (q, kk, vv))
     nb, T = qb.shape[1], qb.shape[2]
     pm = _pad_mask(grid, win, q.device)
-    o1, l1 = attention_lse(qb, kb, vb, None if pm is None else pm.unsqueeze(0), False, scale,
+    o1, l1 = attention_lse(qb, kb, vb, None if pm is None else Dense(pm.unsqueeze(0)), scale,
                             Shape(B * H, nb, nb, T, T, D, Dv))
     o1 = _from_blocks(o1, B, H, grid, win, order)
     l1 = _from_blocks(l1.unsqueeze(-1), B, H, grid, win, order).squeeze(-1)
-    o2, l2 = attention_lse(q, k_g, v_g, None, False, scale, Shape(B, H, shape.H_kv, N, M, D, Dv))
+    o2, l2 = attention_lse(q, k_g, v_g, None, scale, Shape(B, H, shape.H_kv, N, M, D, Dv))
     out, _ = merge([o1, o2.to(o1.dtype)], [l1, l2.to(l1.dtype)])
     out_g, _ = sdpa_attention(q_g, k_g, v_g, None, False, scale, gshape, False)
     return out.to(q.dtype), out_g
