@@ -1,0 +1,4 @@
+"""`anyattn train`: small models with any mixer trained on synthetic recall tasks and byte-level
+language modelling, to measure quality beside speed."""
+from .corpus import Corpus, file_corpus, lm_batch, ngram_bits_per_byte, stdlib_corpus
+from .tasks import RecallBatch, mqar, mqar_gap_probs, selective_copy, split_seed
