@@ -52,3 +52,19 @@ def test_train_rejects_unknown_task_and_preset(tmp_path):
         with pytest.raises(SystemExit) as e:
             main(["train", *args, "--out", str(tmp_path)])
         assert e.value.code == 2
+
+
+def test_report_keeps_the_best_learning_rate_per_setting():
+    from anyattn.train.report import best_runs, table
+
+    def row(mixer, group, best, metric="accuracy"):
+        return {"mixer": mixer, "group": group, "setting": f"{group}-lr", "best": best, "final": best,
+                "metric": metric, "params": 1, "state_size": 10, "state_grows": False, "steps": 1,
+                "tokens_per_s": 1.0, "wall_s": 1.0}
+    env = {"torch": "t", "python": "p", "threads": 1, "device": "cpu"}
+    res = {"task": "mqar", "preset": "standard", "seed": 0, "environment": env,
+           "runs": [row("a", "g1", 0.2), row("a", "g1", 0.9), row("a", "g1", 0.5), row("a", "g2", 0.1)]}
+    assert [(r["group"], r["best"]) for r in best_runs(res)] == [("g1", 0.9), ("g2", 0.1)]
+    res["runs"] = [row("a", "g", 3.0, "bpb"), row("a", "g", 2.5, "bpb"), row("a", "g", 2.7, "bpb")]
+    assert [r["best"] for r in best_runs(res)] == [2.5]
+    assert "best bpb" in table(res)

@@ -97,6 +97,8 @@ def test_resume_is_bit_identical(tmp_path, text):
     for a, b in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
     assert r["history"] == r_whole["history"] and r["best"] == r_whole["best"]
+    with pytest.raises(ValueError, match="other settings.*'lr'"):
+        train(_model(text), RecallData(cfg, 0), replace(cfg, lr=0.5), ckpt=ckpt, resume=True, progress=False)
 
 
 def test_early_stop_at_target():

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from anyattn.nn import MIXERS, Attention
 from anyattn.train.mixers import (NOT_SEQUENCE_MIXERS, LayerSpec, WindowedAttention, build_mixer, build_pattern,
-                                  parse_layer, parse_mixers, parse_value, state_size, valid_options)
+                                  parse_mixers, parse_value, state_size, valid_options)
 
 W, L = 32, 24
 

@@ -213,6 +213,10 @@ def train(model: nn.Module, data, cfg: RunConfig, *, ckpt: str | None = None, re
           "done": False, "stopped_early": False}
     if resume and ckpt and os.path.exists(ckpt):
         saved = torch.load(ckpt, map_location=device, weights_only=False)
+        if saved["config"] != asdict(cfg):
+            changed = {k: (v, asdict(cfg)[k]) for k, v in saved["config"].items() if asdict(cfg)[k] != v}
+            raise ValueError(f"checkpoint {ckpt} was made with other settings (saved, now): {changed}; resume with "
+                             "the same options or use another output folder")
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])

@@ -28,8 +28,8 @@ NOT_SEQUENCE_MIXERS = {
     "ss2d": "SS2D: 2-D grid layer (four-direction scans of an image)",
     "serpent": "SerpentBlock: 2-D grid block",
     "chimera": "ChimeraLayer: bidirectional by default (sees later tokens)",
-    "neighborhood": "NeighborhoodAttention1d: not causal by default and no decode state; use "
-                    "attention:method=neighborhood:window=W",
+    "neighborhood": "NeighborhoodAttention1d: forward returns a tensor, not the mixer protocol (y, state), and "
+                    "is not causal by default; use attention:method=neighborhood:window=W",
 }
 
 # options of a constructor the text cannot set

@@ -83,8 +83,8 @@ _QUICK = {
                       steps=1500, eval_every=100, eval_examples=256, target=0.99),
     "copy": RunConfig("copy", seq_len=128, num_tokens=16, vocab_size=16, hidden=64, depth=2, batch_size=32,
                       lr=3e-3, steps=800, eval_every=100, eval_examples=256, target=0.99),
-    "lm": RunConfig("lm", seq_len=256, vocab_size=256, hidden=128, depth=2, batch_size=16, lr=3e-3, steps=800,
-                    eval_every=200, eval_examples=65536),
+    "lm": RunConfig("lm", seq_len=256, vocab_size=256, hidden=128, depth=2, batch_size=16, lr=3e-3, steps=400,
+                    eval_every=100, eval_examples=65536),
 }
 
 # Zoology (Arora et al., 2023) figure 2: (sequence length, pairs), widths 64-512, learning rates

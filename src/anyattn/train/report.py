@@ -35,7 +35,8 @@ def table(results: dict) -> str:
             f"{'best ' + metric:>15}{'final':>8}{'tok/s':>10}{'wall s':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['mixer']:<34}{r['setting']:<24}{r['params']:>9,}{_state(r['state_size'], r['state_grows']):>22}"
+        state = _state(r["state_size"], r["state_grows"])
+        lines.append(f"{r['mixer']:<34}{r['setting']:<24}{r['params']:>9,}{state:>22}"
                      f"{r['steps']:>7}{r['best']:>15.4f}{r['final']:>8.4f}{r['tokens_per_s']:>10,.0f}"
                      f"{r['wall_s']:>8.1f}")
     env = results["environment"]
@@ -73,7 +74,8 @@ def plot(results: dict, out_dir: str) -> str | None:
     several = len({r["group"] for r in rows}) > 1
     for r in rows:
         ax.scatter(r["tokens_per_s"], r["best"], s=30)
-        label = f"{r['mixer']}" + (f" [{r['group']}]" if several else "") + f"\nstate {_state(r['state_size'], r['state_grows'])}"
+        label = (r["mixer"] + (f" [{r['group']}]" if several else "")
+                 + f"\nstate {_state(r['state_size'], r['state_grows'])}")
         ax.annotate(label, (r["tokens_per_s"], r["best"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     c = results.get("corpus")
     if c:
@@ -82,8 +84,11 @@ def plot(results: dict, out_dir: str) -> str | None:
             ax.text(ax.get_xlim()[0], c[f"{name}_bpb"], f" {name}", fontsize=7, va="bottom", color="grey")
     ax.set_xscale("log")
     ax.set_xlabel("training throughput (tokens/s)")
-    ax.set_ylabel("validation bits per byte (lower is better)" if rows and rows[0]["metric"] == "bpb"
-                  else "test accuracy")
+    if rows and rows[0]["metric"] == "bpb":
+        ax.set_ylabel("best validation bits per byte (lower is better)")
+    else:
+        ax.set_ylabel("best test accuracy")
+        ax.set_ylim(-0.02, 1.05)
     env = results["environment"]
     ax.set_title(f"anyattn train: {results['task']} ({results['preset']}), {env['device']}, {env['threads']} threads",
                  fontsize=9)
