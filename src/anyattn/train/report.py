@@ -31,12 +31,13 @@ def table(results: dict) -> str:
     """The text table: one row per mixer and setting (best learning rate)."""
     rows = best_runs(results)
     metric = rows[0]["metric"] if rows else "accuracy"
-    head = (f"{'mixer':<34}{'setting':<24}{'params':>9}{'state':>22}{'steps':>7}"
+    w = max([len(r["mixer"]) for r in rows] + [20]) + 2
+    head = (f"{'mixer':<{w}}{'setting':<26}{'params':>9}{'state':>22}{'steps':>7}"
             f"{'best ' + metric:>15}{'final':>8}{'tok/s':>10}{'wall s':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         state = _state(r["state_size"], r["state_grows"])
-        lines.append(f"{r['mixer']:<34}{r['setting']:<24}{r['params']:>9,}{state:>22}"
+        lines.append(f"{r['mixer']:<{w}}{r['setting']:<26}{r['params']:>9,}{state:>22}"
                      f"{r['steps']:>7}{r['best']:>15.4f}{r['final']:>8.4f}{r['tokens_per_s']:>10,.0f}"
                      f"{r['wall_s']:>8.1f}")
     env = results["environment"]
