@@ -1,4 +1,4 @@
-"""`anyattn bench | check | explain | tune` command line."""
+"""`anyattn bench | check | explain | train | tune` command line."""
 from __future__ import annotations
 
 import argparse
@@ -112,6 +112,38 @@ def _explain(args):
     return 0
 
 
+def _train(args):
+    import torch
+
+    from .train.loop import run
+    from .train.report import plot, table
+    if args.device is not None and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        print(f"--device {args.device}: torch.cuda.is_available() is False here", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"--threads must be a positive int, got {args.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+    if args.corpus is not None and args.task != "lm":
+        print(f"--corpus is for --task lm, not {args.task}", file=sys.stderr)
+        return 2
+    if args.corpus is not None and not os.path.isfile(args.corpus):
+        print(f"--corpus {args.corpus}: no such file", file=sys.stderr)
+        return 2
+    try:
+        results = run(args.task, args.mixers, args.preset, args.out, seed=args.seed, steps=args.steps,
+                      device=args.device or "cpu", resume=args.resume, corpus=args.corpus,
+                      progress=not args.no_progress)
+    except ValueError as e:
+        print(f"anyattn train: {e}", file=sys.stderr)
+        return 2
+    print(table(results))
+    png = plot(results, args.out)
+    print(f"\nwrote {os.path.join(args.out, 'results.json')}" + (f" and {png}" if png else ""))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="anyattn", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -131,6 +163,23 @@ def main(argv=None) -> int:
                    help="comma-separated dtypes every case runs in (float32 first; the others cast its inputs)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(fn=_bench)
+    tr = sub.add_parser("train", help="train small models with each mixer: quality against throughput")
+    tr.add_argument("--task", choices=["mqar", "copy", "lm"], required=True)
+    tr.add_argument("--mixers", required=True, help="comma-separated mixers, each a +-joined pattern of "
+                    "name[:key=value...] (names: anyattn.nn.MIXERS), e.g. attention,gated_deltanet,"
+                    "attention:method=performer,gated_deltanet+attention")
+    tr.add_argument("--preset", choices=["quick", "standard"], default="quick",
+                    help="quick: 2 CPU cores, minutes per mixer; standard: Zoology's grid with a learning-rate sweep")
+    tr.add_argument("--out", default="train-out", help="output folder (checkpoints, results.json, the plot)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--steps", type=int, default=None, help="step budget of every mixer (default: the preset's)")
+    tr.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
+    tr.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    tr.add_argument("--corpus", default=None, help="text file for --task lm (default: the standard library's "
+                                                   "docstrings and pydoc_data.topics)")
+    tr.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    tr.add_argument("--no-progress", action="store_true")
+    tr.set_defaults(fn=_train)
     t = sub.add_parser("tune", help="measure this machine's crossovers into the tune cache that auto reads")
     t.add_argument("--only", default=None, help="comma-separated sections: softmax, bias, neighborhood, linear "
                                                 "(default: all)")
