@@ -122,3 +122,23 @@ def test_short_convolution_matches_conv1d():
     y, cache = conv(x)
     torch.testing.assert_close(y, ref)
     torch.testing.assert_close(cache, x[:, -3:])
+
+
+def test_published_widths_and_gate_initialisation():
+    """fla's layers: GLA key width hidden/2 and value width hidden; Gated DeltaNet A ~ U(0, 16) and KDA's
+    per-channel dt_bias = softplus^-1(dt) with dt in [1e-3, 0.1] (so the initial decay is slow)."""
+    torch.manual_seed(4)
+    gla = GLALayer(64, 2)
+    assert (gla.head_dim, gla.head_v_dim) == (16, 32) and gla.o_proj.in_features == 64
+    assert GLALayer(64, 2, expand_v=0.5).head_v_dim == 16
+    with pytest.raises(ValueError, match=r"hidden_size \* expand_v must be a positive multiple of num_heads=3"):
+        GLALayer(64, 3, head_dim=8)
+    A = GatedDeltaNetLayer(64, 64, head_dim=2).A_log.exp()              # 64 draws of U(0, 16)
+    assert A.min() < 1 and A.max() <= 16
+    gdn = GatedDeltaNetLayer(64, 2)
+    kda = KDALayer(64, 2)
+    dt = torch.nn.functional.softplus(kda.dt_bias)
+    assert kda.dt_bias.shape == (64,) and dt.min() >= 1e-4 * (1 - 1e-4) and dt.max() <= 0.1 * (1 + 1e-4)
+    for layer in (gdn, kda):
+        g = layer.gates(torch.zeros(1, 1, 64))[0]
+        assert (g < 0).all() and g.min() > -16 * 0.1 * (1 + 1e-4)
