@@ -8,6 +8,7 @@ CONFIGS = [
     ("gla", {}),
     ("gla", {"use_short_conv": True}),
     ("gated_deltanet", {}),
+    ("gated_deltanet", {"use_gate": False}),
     ("kda", {}),
     ("kda", {"mode": "recurrent"}),
     ("gla", {"num_kv_heads": 1}),
@@ -142,3 +143,18 @@ def test_published_widths_and_gate_initialisation():
     for layer in (gdn, kda):
         g = layer.gates(torch.zeros(1, 1, 64))[0]
         assert (g < 0).all() and g.min() > -16 * 0.1 * (1 + 1e-4)
+
+
+def test_gated_deltanet_without_output_gate():
+    """use_gate=False (fla's option, Zoology's MQAR setting): no g_proj, y = o_proj(RMSNorm(o))."""
+    torch.manual_seed(5)
+    layer = GatedDeltaNetLayer(32, 2, 8, use_gate=False, norm_eps=1e-12).double()
+    assert not hasattr(layer, "g_proj") and all("g_proj" not in k for k in layer.state_dict())
+    x = torch.randn(1, 6, 32, dtype=torch.float64)
+    seen = {}
+    layer.o_proj.register_forward_hook(lambda m, inp, out: seen.setdefault("o", inp[0]))
+    layer(x)
+    o = seen["o"].reshape(1, 6, 2, 16)
+    torch.testing.assert_close(o.pow(2).mean(-1), torch.ones(1, 6, 2, dtype=torch.float64), rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="use_gate must be a bool, got int"):
+        GatedDeltaNetLayer(32, 2, use_gate=1)

@@ -5,7 +5,7 @@ Each layer maps `x (B, T, hidden_size)` to `y (B, T, hidden_size)`:
     q, k, v = short_conv(proj(x))          (causal depthwise conv + SiLU; optional for GLA)
     gates   = per-token decay g <= 0 (and beta in (0, 1) for the delta rules)
     o       = mixer(q, k, v, gates, state)  (anyattn.linear: gla / gated_delta_rule / kda / mom)
-    y       = o_proj(RMSNorm(o) * act(output_gate(x)))
+    y       = o_proj(RMSNorm(o) * act(output_gate(x)))   (Gated DeltaNet's use_gate=False: no gate)
 
 `forward(x, state=None, use_cache=False) -> (y, new_state)`. The state is a dict with the
 recurrent state `"recurrent"` `(B, H, D_k, D_v)` (fp32) and the short-convolution caches `"conv"`
@@ -178,7 +178,8 @@ class _LinearMixerLayer(nn.Module):
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
 
     # subclasses: `op` (the anyattn.linear function), gates(x) -> its arguments after q, k, v (a tuple,
-    # head-major layout), output_gate(x) -> (B, T, value_dim); optionally key_value_heads(k, v).
+    # head-major layout), output_gate(x) -> (B, T, value_dim) or None (no gate: plain RMSNorm);
+    # optionally key_value_heads(k, v).
     op = None
 
     def gates(self, x):  # pragma: no cover - abstract
@@ -231,7 +232,8 @@ class _LinearMixerLayer(nn.Module):
         else:
             o, S = cp.linear(self.op, q, k, v, *self.gates(x), **kw), None
         o = o.transpose(1, 2)                                             # (B, T, H, D_v)
-        gate = self.output_gate(x).reshape(*o.shape)
+        gate = self.output_gate(x)
+        gate = None if gate is None else gate.reshape(*o.shape)
         o = self.o_norm(o, gate).reshape(x.shape[0], x.shape[1], self.value_dim)
         y = self.o_proj(o)
         new_state = {"recurrent": S, "conv": new_conv} if use_cache else None
@@ -276,7 +278,8 @@ class GLALayer(_LinearMixerLayer):
 
 class GatedDeltaNetLayer(_LinearMixerLayer):
     """Gated DeltaNet layer (Yang, Kautz, Hatamizadeh, 2025, "Gated Delta Networks: Improving Mamba2
-    with Delta Rule"). `head_dim` is D_k; D_v = head_dim * expand_v (published: 2)."""
+    with Delta Rule"). `head_dim` is D_k; D_v = head_dim * expand_v (published: 2). `use_gate=False`
+    (fla's option, the setting of Zoology's MQAR configs): no output gate, `y = o_proj(RMSNorm(o))`."""
 
     delta = True
     op = staticmethod(_L.gated_delta_rule)
@@ -284,13 +287,17 @@ class GatedDeltaNetLayer(_LinearMixerLayer):
     def __init__(self, hidden_size: int, num_heads: int = 4, head_dim: int | None = None, mode: str = "chunk", *,
                  expand_v: float = 2.0, use_short_conv: bool = True, conv_size: int = 4,
                  allow_neg_eigval: bool = False, chunk_size: int = 64, norm_eps: float = 1e-5,
-                 num_kv_heads: int | None = None):
+                 num_kv_heads: int | None = None, use_gate: bool = True):
+        if not isinstance(use_gate, bool):
+            raise TypeError(f"use_gate must be a bool, got {type(use_gate).__name__}")
         head_dim = _default_head_dim(hidden_size, num_heads, head_dim, 0.75)
         super().__init__(hidden_size, num_heads, head_dim, _head_v_dim(head_dim, expand_v), mode, use_short_conv,
                          conv_size, chunk_size, norm_eps, "swish", _kv_heads(num_heads, num_kv_heads))
         self.allow_neg_eigval = allow_neg_eigval
         _init_scalar_decay_gates(self, hidden_size, self.num_kv_heads)
-        self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.use_gate = use_gate
+        if use_gate:
+            self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
 
     def gates(self, x):
         g, beta = _scalar_decay_gates(self, x)
@@ -299,7 +306,7 @@ class GatedDeltaNetLayer(_LinearMixerLayer):
         return g.transpose(1, 2), beta.transpose(1, 2)                            # (B, H, T)
 
     def output_gate(self, x):
-        return self.g_proj(x)
+        return self.g_proj(x) if self.use_gate else None
 
 
 
