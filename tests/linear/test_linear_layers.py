@@ -8,6 +8,7 @@ CONFIGS = [
     ("gla", {}),
     ("gla", {"use_short_conv": True}),
     ("gated_deltanet", {}),
+    ("gated_deltanet", {"use_gate": False}),
     ("kda", {}),
     ("kda", {"mode": "recurrent"}),
     ("gla", {"num_kv_heads": 1}),
@@ -122,3 +123,38 @@ def test_short_convolution_matches_conv1d():
     y, cache = conv(x)
     torch.testing.assert_close(y, ref)
     torch.testing.assert_close(cache, x[:, -3:])
+
+
+def test_published_widths_and_gate_initialisation():
+    """fla's layers: GLA key width hidden/2 and value width hidden; Gated DeltaNet A ~ U(0, 16) and KDA's
+    per-channel dt_bias = softplus^-1(dt) with dt in [1e-3, 0.1] (so the initial decay is slow)."""
+    torch.manual_seed(4)
+    gla = GLALayer(64, 2)
+    assert (gla.head_dim, gla.head_v_dim) == (16, 32) and gla.o_proj.in_features == 64
+    assert GLALayer(64, 2, expand_v=0.5).head_v_dim == 16
+    with pytest.raises(ValueError, match=r"hidden_size \* expand_v must be a positive multiple of num_heads=3"):
+        GLALayer(64, 3, head_dim=8)
+    A = GatedDeltaNetLayer(64, 64, head_dim=2).A_log.exp()              # 64 draws of U(0, 16)
+    assert A.min() < 1 and A.max() <= 16
+    gdn = GatedDeltaNetLayer(64, 2)
+    kda = KDALayer(64, 2)
+    dt = torch.nn.functional.softplus(kda.dt_bias)
+    assert kda.dt_bias.shape == (64,) and dt.min() >= 1e-4 * (1 - 1e-4) and dt.max() <= 0.1 * (1 + 1e-4)
+    for layer in (gdn, kda):
+        g = layer.gates(torch.zeros(1, 1, 64))[0]
+        assert (g < 0).all() and g.min() > -16 * 0.1 * (1 + 1e-4)
+
+
+def test_gated_deltanet_without_output_gate():
+    """use_gate=False (fla's option, Zoology's MQAR setting): no g_proj, y = o_proj(RMSNorm(o))."""
+    torch.manual_seed(5)
+    layer = GatedDeltaNetLayer(32, 2, 8, use_gate=False, norm_eps=1e-12).double()
+    assert not hasattr(layer, "g_proj") and all("g_proj" not in k for k in layer.state_dict())
+    x = torch.randn(1, 6, 32, dtype=torch.float64)
+    seen = {}
+    layer.o_proj.register_forward_hook(lambda m, inp, out: seen.setdefault("o", inp[0]))
+    layer(x)
+    o = seen["o"].reshape(1, 6, 2, 16)
+    torch.testing.assert_close(o.pow(2).mean(-1), torch.ones(1, 6, 2, dtype=torch.float64), rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="use_gate must be a bool, got int"):
+        GatedDeltaNetLayer(32, 2, use_gate=1)

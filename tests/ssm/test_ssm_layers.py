@@ -61,3 +61,21 @@ def test_layer_input_checks():
     lc = LongConvLayer(8, max_len=4)
     with pytest.raises(ValueError, match="x's length must be <= max_len = 4, got 5"):
         lc(torch.randn(1, 5, 8))
+
+
+def test_s4d_and_longconv_published_output_map():
+    """The standalone S4D and safari's LongConv: output map Linear(h, 2h) + GLU (glu=False: Linear(h, h));
+    S4D's default 32 modes are the published N = 64 real states; LongConv's kernel starts at N(0, 0.002^2)."""
+    torch.manual_seed(0)
+    s, lc = S4DLayer(8), LongConvLayer(8, max_len=16)
+    assert s.d_state == 32 and s.out_proj.out_features == 16 and lc.out_proj.out_features == 16
+    assert lc.kernel.std() < 0.004
+    x = torch.randn(2, 5, 8)
+    for m in (s, lc):
+        y, _ = m(x)
+        out_proj, m.out_proj, m.glu = m.out_proj, torch.nn.Identity(), False
+        h = out_proj(m(x)[0])                                     # GELU(conv) through the output linear
+        torch.testing.assert_close(y, h[..., :8] * torch.sigmoid(h[..., 8:]))
+    assert S4DLayer(8, glu=False).out_proj.out_features == 8 and LongConvLayer(8, 4, glu=False).out_proj.out_features == 8
+    with pytest.raises(TypeError, match="glu must be a bool, got int"):
+        S4DLayer(8, glu=1)

@@ -5,22 +5,25 @@ Each layer maps `x (B, T, hidden_size)` to `y (B, T, hidden_size)`:
     q, k, v = short_conv(proj(x))          (causal depthwise conv + SiLU; optional for GLA)
     gates   = per-token decay g <= 0 (and beta in (0, 1) for the delta rules)
     o       = mixer(q, k, v, gates, state)  (anyattn.linear: gla / gated_delta_rule / kda / mom)
-    y       = o_proj(RMSNorm(o) * act(output_gate(x)))
+    y       = o_proj(RMSNorm(o) * act(output_gate(x)))   (Gated DeltaNet's use_gate=False: no gate)
 
 `forward(x, state=None, use_cache=False) -> (y, new_state)`. The state is a dict with the
 recurrent state `"recurrent"` `(B, H, D_k, D_v)` (fp32) and the short-convolution caches `"conv"`
 (the last `conv_size - 1` inputs of each convolution), so a decoding loop can call forward with one
 token at a time; `new_state` is None unless `use_cache=True`.
 
-Published layers followed (structure and initialisation of the gates):
+Published layers followed (flash-linear-attention's `fla/layers`: structure, widths and initialisation
+of the gates):
 - `GLALayer`: Gated Linear Attention (Yang et al., 2024): low-rank gate `g = logsigmoid(W2 W1 x) / 16`,
-  Swish output gate, no short convolution by default.
+  Swish output gate, no short convolution by default; key width hidden/2, value width hidden.
 - `GatedDeltaNetLayer`: Gated DeltaNet (Yang et al., 2025): Mamba2-style scalar decay
-  `g = -exp(A_log) * softplus(a(x) + dt_bias)`, `beta = sigmoid(b(x))`, L2-normalized q and k,
-  short convolutions, Swish output gate, `expand_v = 2`.
+  `g = -exp(A_log) * softplus(a(x) + dt_bias)` with A ~ U(0, 16) and dt_bias = softplus^-1(dt),
+  dt log-uniform in [1e-3, 1e-1]; `beta = sigmoid(b(x))`, L2-normalized q and k, short convolutions,
+  Swish output gate, `expand_v = 2`.
 - `KDALayer`: Kimi Delta Attention (Kimi Linear, 2025): per-channel decay
-  `g = -exp(A_log[h]) * softplus(W2 W1 x + dt_bias)`, `beta = sigmoid(b(x))`, L2-normalized q and k,
-  short convolutions, low-rank output gate with sigmoid activation.
+  `g = -exp(A_log[h]) * softplus(W2 W1 x + dt_bias)` with A ~ U(1, 16) and a per-channel dt_bias
+  initialised as Gated DeltaNet's; `beta = sigmoid(b(x))`, L2-normalized q and k, short convolutions,
+  low-rank output gate with sigmoid activation.
 - `MoMLayer`: Mixture-of-Memories (Du et al., 2025): top-k router over Gated DeltaNet memories (own
   k, v, decay, beta per memory) plus a shared memory.
 """
@@ -97,14 +100,20 @@ def _check_layer_args(hidden_size, num_heads, head_dim, mode):
         raise ValueError(f"mode must be one of {list(_L.MODES)}, got {mode!r}")
 
 
+def _dt_bias(n: int) -> torch.Tensor:
+    """Mamba2's dt bias (fla GatedDeltaNet / KimiDeltaAttention): `softplus^-1(dt)`, dt log-uniform in
+    [1e-3, 1e-1], floored at 1e-4. `(n,)`."""
+    dt = torch.exp(torch.rand(n) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp_min(1e-4)
+    return dt + torch.log(-torch.expm1(-dt))                                   # inverse softplus
+
+
 def _init_scalar_decay_gates(layer, hidden_size: int, heads: int):
-    """Gated DeltaNet's gate parameters for `heads` state heads (Mamba2-style decay): a_proj, b_proj,
-    A_log ~ log U(1, 16), dt_bias = softplus^-1(dt), dt log-uniform in [1e-3, 1e-1]."""
+    """Gated DeltaNet's gate parameters for `heads` state heads (Mamba2-style decay, as fla's
+    `GatedDeltaNet`): a_proj, b_proj, `A_log = log A`, A ~ U(0, 16), dt_bias from `_dt_bias`."""
     layer.a_proj = nn.Linear(hidden_size, heads, bias=False)
     layer.b_proj = nn.Linear(hidden_size, heads, bias=False)
-    layer.A_log = nn.Parameter(torch.log(torch.empty(heads).uniform_(1, 16)))
-    dt = torch.exp(torch.rand(heads) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp_min(1e-4)
-    layer.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))          # inverse softplus
+    layer.A_log = nn.Parameter(torch.log(torch.empty(heads).uniform_(0, 16)))
+    layer.dt_bias = nn.Parameter(_dt_bias(heads))
 
 
 def _scalar_decay_gates(layer, x):
@@ -122,6 +131,16 @@ def _kv_heads(num_heads, num_kv_heads):
     return num_kv_heads
 
 
+def _head_v_dim(head_dim, expand_v):
+    """`head_dim * expand_v`, which must be a positive integer (fla's GatedDeltaNet / KDA convention)."""
+    if isinstance(expand_v, bool) or not isinstance(expand_v, (int, float)):
+        raise TypeError(f"expand_v must be a float, got {type(expand_v).__name__}")
+    head_v_dim = int(round(head_dim * expand_v))
+    if not math.isclose(head_dim * expand_v, head_v_dim) or head_v_dim < 1:
+        raise ValueError(f"head_dim * expand_v must be a positive integer, got {head_dim} * {expand_v}")
+    return head_v_dim
+
+
 def _default_head_dim(hidden_size, num_heads, head_dim, fraction):
     if head_dim is not None:
         return head_dim
@@ -137,14 +156,11 @@ class _LinearMixerLayer(nn.Module):
 
     delta = False
 
-    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, expand_v: float, mode: str,
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, head_v_dim: int, mode: str,
                  use_short_conv: bool, conv_size: int, chunk_size: int, norm_eps: float,
                  gate_activation: str, num_kv_heads: int):
         super().__init__()
         _check_layer_args(hidden_size, num_heads, head_dim, mode)
-        head_v_dim = int(round(head_dim * expand_v))
-        if not math.isclose(head_dim * expand_v, head_v_dim) or head_v_dim < 1:
-            raise ValueError(f"head_dim * expand_v must be a positive integer, got {head_dim} * {expand_v}")
         self.hidden_size, self.num_heads, self.head_dim, self.head_v_dim = hidden_size, num_heads, head_dim, head_v_dim
         self.num_kv_heads = num_kv_heads
         self.key_dim, self.value_dim = num_heads * head_dim, num_heads * head_v_dim          # queries, output
@@ -162,7 +178,8 @@ class _LinearMixerLayer(nn.Module):
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
 
     # subclasses: `op` (the anyattn.linear function), gates(x) -> its arguments after q, k, v (a tuple,
-    # head-major layout), output_gate(x) -> (B, T, value_dim); optionally key_value_heads(k, v).
+    # head-major layout), output_gate(x) -> (B, T, value_dim) or None (no gate: plain RMSNorm);
+    # optionally key_value_heads(k, v).
     op = None
 
     def gates(self, x):  # pragma: no cover - abstract
@@ -215,7 +232,8 @@ class _LinearMixerLayer(nn.Module):
         else:
             o, S = cp.linear(self.op, q, k, v, *self.gates(x), **kw), None
         o = o.transpose(1, 2)                                             # (B, T, H, D_v)
-        gate = self.output_gate(x).reshape(*o.shape)
+        gate = self.output_gate(x)
+        gate = None if gate is None else gate.reshape(*o.shape)
         o = self.o_norm(o, gate).reshape(x.shape[0], x.shape[1], self.value_dim)
         y = self.o_proj(o)
         new_state = {"recurrent": S, "conv": new_conv} if use_cache else None
@@ -224,7 +242,9 @@ class _LinearMixerLayer(nn.Module):
 
 class GLALayer(_LinearMixerLayer):
     """Gated Linear Attention layer (Yang et al., 2024, "Gated Linear Attention Transformers with
-    Hardware-Efficient Training"). `head_dim` is D_k; D_v = head_dim * expand_v."""
+    Hardware-Efficient Training"), as fla's `GatedLinearAttention`: `head_dim` is D_k (default
+    hidden_size * 0.5 / num_heads, fla's expand_k = 0.5); the value width is hidden_size * expand_v
+    (fla's expand_v = 1), D_v = hidden_size * expand_v / num_heads."""
 
     op = staticmethod(_L.gla)
 
@@ -233,8 +253,15 @@ class GLALayer(_LinearMixerLayer):
                  gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, chunk_size: int = 64,
                  norm_eps: float = 1e-5, num_kv_heads: int | None = None):
         head_dim = _default_head_dim(hidden_size, num_heads, head_dim, 0.5)
-        super().__init__(hidden_size, num_heads, head_dim, expand_v, mode, use_short_conv, conv_size,
-                         chunk_size, norm_eps, "swish", _kv_heads(num_heads, num_kv_heads))
+        _check_layer_args(hidden_size, num_heads, head_dim, mode)
+        if isinstance(expand_v, bool) or not isinstance(expand_v, (int, float)):
+            raise TypeError(f"expand_v must be a float, got {type(expand_v).__name__}")
+        head_v_dim = round(hidden_size * expand_v / num_heads)
+        if head_v_dim < 1 or not math.isclose(hidden_size * expand_v, num_heads * head_v_dim):
+            raise ValueError(f"hidden_size * expand_v must be a positive multiple of num_heads={num_heads}, "
+                             f"got {hidden_size} * {expand_v!r}")
+        super().__init__(hidden_size, num_heads, head_dim, head_v_dim, mode, use_short_conv,
+                         conv_size, chunk_size, norm_eps, "swish", _kv_heads(num_heads, num_kv_heads))
         self.gate_logit_normalizer = gate_logit_normalizer
         self.gk_proj = nn.Sequential(nn.Linear(hidden_size, gate_low_rank_dim, bias=False),
                                      nn.Linear(gate_low_rank_dim, self.kv_key_dim, bias=True))
@@ -251,7 +278,8 @@ class GLALayer(_LinearMixerLayer):
 
 class GatedDeltaNetLayer(_LinearMixerLayer):
     """Gated DeltaNet layer (Yang, Kautz, Hatamizadeh, 2025, "Gated Delta Networks: Improving Mamba2
-    with Delta Rule"). `head_dim` is D_k; D_v = head_dim * expand_v (published: 2)."""
+    with Delta Rule"). `head_dim` is D_k; D_v = head_dim * expand_v (published: 2). `use_gate=False`
+    (fla's option, the setting of Zoology's MQAR configs): no output gate, `y = o_proj(RMSNorm(o))`."""
 
     delta = True
     op = staticmethod(_L.gated_delta_rule)
@@ -259,13 +287,17 @@ class GatedDeltaNetLayer(_LinearMixerLayer):
     def __init__(self, hidden_size: int, num_heads: int = 4, head_dim: int | None = None, mode: str = "chunk", *,
                  expand_v: float = 2.0, use_short_conv: bool = True, conv_size: int = 4,
                  allow_neg_eigval: bool = False, chunk_size: int = 64, norm_eps: float = 1e-5,
-                 num_kv_heads: int | None = None):
+                 num_kv_heads: int | None = None, use_gate: bool = True):
+        if not isinstance(use_gate, bool):
+            raise TypeError(f"use_gate must be a bool, got {type(use_gate).__name__}")
         head_dim = _default_head_dim(hidden_size, num_heads, head_dim, 0.75)
-        super().__init__(hidden_size, num_heads, head_dim, expand_v, mode, use_short_conv, conv_size,
-                         chunk_size, norm_eps, "swish", _kv_heads(num_heads, num_kv_heads))
+        super().__init__(hidden_size, num_heads, head_dim, _head_v_dim(head_dim, expand_v), mode, use_short_conv,
+                         conv_size, chunk_size, norm_eps, "swish", _kv_heads(num_heads, num_kv_heads))
         self.allow_neg_eigval = allow_neg_eigval
         _init_scalar_decay_gates(self, hidden_size, self.num_kv_heads)
-        self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.use_gate = use_gate
+        if use_gate:
+            self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
 
     def gates(self, x):
         g, beta = _scalar_decay_gates(self, x)
@@ -274,7 +306,7 @@ class GatedDeltaNetLayer(_LinearMixerLayer):
         return g.transpose(1, 2), beta.transpose(1, 2)                            # (B, H, T)
 
     def output_gate(self, x):
-        return self.g_proj(x)
+        return self.g_proj(x) if self.use_gate else None
 
 
 
@@ -290,15 +322,15 @@ class KDALayer(_LinearMixerLayer):
                  allow_neg_eigval: bool = False, chunk_size: int = 64, norm_eps: float = 1e-5,
                  num_kv_heads: int | None = None):
         head_dim = _default_head_dim(hidden_size, num_heads, head_dim, 1.0)
-        super().__init__(hidden_size, num_heads, head_dim, expand_v, mode, use_short_conv, conv_size,
-                         chunk_size, norm_eps, "sigmoid", _kv_heads(num_heads, num_kv_heads))
+        super().__init__(hidden_size, num_heads, head_dim, _head_v_dim(head_dim, expand_v), mode, use_short_conv,
+                         conv_size, chunk_size, norm_eps, "sigmoid", _kv_heads(num_heads, num_kv_heads))
         self.allow_neg_eigval = allow_neg_eigval
         Hk = self.num_kv_heads
         self.f_proj = nn.Sequential(nn.Linear(hidden_size, self.head_v_dim, bias=False),
                                     nn.Linear(self.head_v_dim, self.kv_key_dim, bias=False))
         self.b_proj = nn.Linear(hidden_size, Hk, bias=False)
         self.A_log = nn.Parameter(torch.log(torch.empty(Hk).uniform_(1, 16)))
-        self.dt_bias = nn.Parameter(torch.zeros(self.kv_key_dim))
+        self.dt_bias = nn.Parameter(_dt_bias(self.kv_key_dim))
         self.g_proj = nn.Sequential(nn.Linear(hidden_size, self.head_v_dim, bias=False),
                                     nn.Linear(self.head_v_dim, self.value_dim, bias=True))
 
@@ -338,8 +370,8 @@ class MoMLayer(_LinearMixerLayer):
         if not isinstance(shared_memory, bool):
             raise TypeError(f"shared_memory must be a bool, got {type(shared_memory).__name__}")
         total = num_memories + int(shared_memory)
-        super().__init__(hidden_size, num_heads, head_dim, expand_v, mode, use_short_conv, conv_size,
-                         chunk_size, norm_eps, "swish", num_heads * total)
+        super().__init__(hidden_size, num_heads, head_dim, _head_v_dim(head_dim, expand_v), mode, use_short_conv,
+                         conv_size, chunk_size, norm_eps, "swish", num_heads * total)
         self.num_memories, self.top_k, self.shared_memory, self.total_memories = (
             num_memories, top_k, shared_memory, total)
         self.router = nn.Linear(hidden_size, num_memories, bias=False)

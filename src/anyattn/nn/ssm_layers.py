@@ -36,6 +36,18 @@ def _dt_bias_init(n: int, dt_min: float, dt_max: float, floor: float) -> torch.T
     return dt + torch.log(-torch.expm1(-dt))
 
 
+def _check_glu(glu):
+    if not isinstance(glu, bool):
+        raise TypeError(f"glu must be a bool, got {type(glu).__name__}")
+    return glu
+
+
+def _output_linear(hidden: int, glu: bool) -> nn.Linear:
+    """The position-wise output map of S4D / long convolutions: `Linear(hidden, 2 hidden)` then GLU (the
+    published `output_linear`), or `Linear(hidden, hidden)` with `glu=False`."""
+    return nn.Linear(hidden, 2 * hidden if _check_glu(glu) else hidden)
+
+
 def _causal_conv(x, weight, bias, prefix):
     """Depthwise causal conv over (B, C, L) with the last K-1 inputs `prefix` (B, C, K-1) (None: zeros).
     Returns the output and the new prefix."""
@@ -67,11 +79,13 @@ def _conv(cp, x, conv1d, prefix):
 
 
 class S4DLayer(nn.Module):
-    """S4D mixer (Gu et al. 2022): per channel a diagonal complex SSM of `d_state` modes (conjugate
-    pairs), `y = GELU(K * u + D u)`, then an output linear map. state: `(B, hidden, d_state)` complex."""
+    """S4D mixer (Gu et al. 2022, the standalone `models/s4/s4d.py` of state-spaces/s4): per channel a
+    diagonal complex SSM of `d_state` modes, each standing for a conjugate pair (the published N = 64 real
+    states are 32 modes), `y = GELU(K * u + D u)`, then the output map `GLU(Linear(hidden, 2 hidden))`
+    (`glu=False`: `Linear(hidden, hidden)`). state: `(B, hidden, d_state)` complex."""
 
-    def __init__(self, hidden: int, d_state: int = 64, init: str = "lin", dt_min: float = 1e-3,
-                 dt_max: float = 1e-1):
+    def __init__(self, hidden: int, d_state: int = 32, init: str = "lin", dt_min: float = 1e-3,
+                 dt_max: float = 1e-1, glu: bool = True):
         super().__init__()
         if init not in ("lin", "inv"):
             raise ValueError(f"init must be 'lin' or 'inv', got {init!r}")
@@ -83,7 +97,8 @@ class S4DLayer(nn.Module):
         self.C = nn.Parameter(torch.view_as_real(torch.randn(hidden, d_state, dtype=torch.complex64)))
         self.register_buffer("B", torch.ones(hidden, d_state, dtype=torch.complex64), persistent=False)
         self.D = nn.Parameter(torch.randn(hidden))
-        self.out_proj = nn.Linear(hidden, hidden)
+        self.glu = glu
+        self.out_proj = _output_linear(hidden, glu)
 
     def _params(self):
         A = torch.complex(-torch.exp(self.log_A_real), self.A_imag)
@@ -101,7 +116,8 @@ class S4DLayer(nn.Module):
                       output_final_state=use_cache)
             y, new = out if use_cache else (out, None)
             y = y.transpose(1, 2)
-        return self.out_proj(F.gelu(y)), (new if use_cache else None)
+        y = self.out_proj(F.gelu(y))
+        return (F.glu(y, -1) if self.glu else y), (new if use_cache else None)
 
 
 class MambaBlock(nn.Module):
@@ -208,18 +224,21 @@ class Mamba2Block(nn.Module):
 
 
 class LongConvLayer(nn.Module):
-    """Long-convolution mixer (Fu et al. 2023): a learned causal kernel of `max_len` taps per channel,
-    regularized by squash (`squash_lambda`) and smoothing (`smooth_width`), applied by FFT;
-    `y = out_proj(GELU(k * u + D u))`. state: a `LongConvState` (ring buffer of the last `max_len` inputs)."""
+    """Long-convolution mixer (Fu et al. 2023, safari's `LongConv` / `LongConvKernel`): a learned causal
+    kernel of `max_len` taps per channel, initialised N(0, kernel_init_std^2) (published 0.002), regularized
+    by squash (`squash_lambda`, published layer config 3e-3) and smoothing (`smooth_width`), applied by FFT;
+    `y = GLU(out_proj(GELU(k * u + D u)))` (`glu=False`: no GLU, `out_proj` hidden -> hidden).
+    state: a `LongConvState` (ring buffer of the last `max_len` inputs)."""
 
     def __init__(self, hidden: int, max_len: int, squash_lambda: float | None = 3e-3,
-                 smooth_width: int | None = None, kernel_init_std: float = 0.02):
+                 smooth_width: int | None = None, kernel_init_std: float = 0.002, glu: bool = True):
         super().__init__()
         self.hidden, self.max_len = hidden, max_len
         self.squash_lambda, self.smooth_width = squash_lambda, smooth_width
         self.kernel = nn.Parameter(torch.randn(hidden, max_len) * kernel_init_std)
         self.D = nn.Parameter(torch.randn(hidden))
-        self.out_proj = nn.Linear(hidden, hidden)
+        self.glu = glu
+        self.out_proj = _output_linear(hidden, glu)
 
     def effective_kernel(self) -> torch.Tensor:
         k = self.kernel
@@ -257,7 +276,8 @@ class LongConvLayer(nn.Module):
             y = fft_conv(ext, k.to(ext.dtype))[..., Lk:] + self.D[:, None] * u
             new = LongConvState.from_history(ext[..., -Lk:].detach().to(state.buffer.dtype), state.t + L)
         y = y.transpose(1, 2)
-        return self.out_proj(F.gelu(y)), (new if use_cache else None)
+        y = self.out_proj(F.gelu(y))
+        return (F.glu(y, -1) if self.glu else y), (new if use_cache else None)
 
 
 SSM_LAYERS = {"s4d": S4DLayer, "mamba": MambaBlock, "mamba2": Mamba2Block, "longconv": LongConvLayer}
