@@ -75,3 +75,10 @@ def test_bad_inputs():
         BlockModel(0, W, build_pattern(_pattern("attention"), W, L))
     with pytest.raises(ValueError, match="at least one"):
         RecallModel(V, W, [])
+
+
+def test_mqar_recipe_runs_gated_deltanet_without_output_gate():
+    (mq,) = build_pattern(_pattern("gated_deltanet"), W, L, "mqar")
+    (lm,) = build_pattern(_pattern("gated_deltanet"), W, L, "lm")
+    (own,) = build_pattern(_pattern("gated_deltanet:use_gate=true"), W, L, "mqar")
+    assert (mq.use_gate, lm.use_gate, own.use_gate) == (False, True, True)

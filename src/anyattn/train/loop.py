@@ -278,7 +278,7 @@ def build_model(cfg: RunConfig, pattern, seed: int) -> nn.Module:
     if cfg.task != "mqar" and len(pattern) == 1:
         pattern = tuple(pattern) * cfg.depth
     torch.manual_seed(seed + 1)
-    layers = build_pattern(pattern, cfg.hidden, cfg.seq_len)
+    layers = build_pattern(pattern, cfg.hidden, cfg.seq_len, cfg.task)
     torch.manual_seed(seed)
     cls = RecallModel if cfg.task == "mqar" else BlockModel
     return cls(cfg.vocab_size, cfg.hidden, layers)

@@ -178,9 +178,16 @@ def build_mixer(name: str, opts: dict, hidden: int, seq_len: int) -> torch.nn.Mo
         raise ValueError(f"mixer {name!r} with options {kw}: {e}") from e
 
 
-def build_pattern(pattern, hidden: int, seq_len: int) -> list[torch.nn.Module]:
-    """The layers of a parsed pattern (a sequence of LayerSpec)."""
-    return [build_mixer(s.name, s.options, hidden, seq_len) for s in pattern]
+# Per-task recipe defaults (user options win): Zoology's MQAR configs run Gated DeltaNet without its output
+# gate (`use_gate=False`); under Zoology's N(0, 0.02) initialisation the swish gate starts near 0.01 and the
+# gated layer stays at chance for hundreds of steps (docs/train.md).
+RECIPE_DEFAULTS = {"mqar": {"gated_deltanet": {"use_gate": False}}}
+
+
+def build_pattern(pattern, hidden: int, seq_len: int, task: str | None = None) -> list[torch.nn.Module]:
+    """The layers of a parsed pattern (a sequence of LayerSpec), with `task`'s `RECIPE_DEFAULTS`."""
+    extra = RECIPE_DEFAULTS.get(task, {})
+    return [build_mixer(s.name, {**extra.get(s.name, {}), **s.options}, hidden, seq_len) for s in pattern]
 
 
 def _floats(obj, seen) -> int:

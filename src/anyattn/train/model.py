@@ -52,7 +52,8 @@ def _check_inputs(inputs):
 
 
 class RecallModel(nn.Module):
-    """Zoology's MQAR model: embedding (normal, std 0.02), layer 0 a `GatedShortConv` (the same for every
+    """Zoology's MQAR model: embedding (normal, std 0.02; the Linear layers keep PyTorch's initialisation,
+    see docs/train.md), layer 0 a `GatedShortConv` (the same for every
     mixer), then one layer per mixer; each layer pre-norm residual `x + layer(LayerNorm(x))`; final LayerNorm;
     tied embeddings; no MLP. mixers: the built mixer layers (one for the two-layer recipe; a hybrid pattern
     stacks several)."""

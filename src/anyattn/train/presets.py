@@ -75,8 +75,8 @@ class Preset:
 
 # quick MQAR budgets (2 CPU cores; steps at batch 32): softmax reaches 0.99 in ~500 steps and stops early;
 # gated_deltanet needed a 3000-step schedule to reach 0.9 in the prototype; the rest plateau early.
-QUICK_MQAR_STEPS = {"attention": 800, "gated_deltanet": 3000, "kda": 3000, "gla": 2000, "mom": 3000,
-                    "linear_attention": 1000, "longconv": 600, "s4d": 600, "mamba": 2000, "mamba2": 2000}
+QUICK_MQAR_STEPS = {"attention": 800, "gated_deltanet": 2000, "kda": 2000, "gla": 2000, "mom": 2000,
+                    "linear_attention": 2000, "longconv": 600, "s4d": 600, "mamba": 2000, "mamba2": 2000}
 
 _QUICK = {
     "mqar": RunConfig("mqar", seq_len=256, num_kv_pairs=16, vocab_size=4096, hidden=64, batch_size=32, lr=3e-3,
