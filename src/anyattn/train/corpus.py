@@ -201,7 +201,7 @@ def lm_batch(data: bytes, *, batch_size: int, seq_len: int,
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if len(data) < seq_len + 1:
         raise ValueError(f"data must hold at least seq_len + 1 = {seq_len + 1} bytes, got {len(data)}")
-    starts = torch.randint(0, len(data) - seq_len, (batch_size,), generator=generator).numpy()
+    starts = torch.randint(0, len(data) - seq_len, (batch_size,), generator=generator).numpy()  # host: byte offsets
     windows = np.frombuffer(data, dtype=np.uint8)[starts[:, None] + np.arange(seq_len + 1)]
     windows = torch.from_numpy(windows.astype(np.int64))
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()

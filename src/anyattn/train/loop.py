@@ -71,7 +71,7 @@ class RecallData:
         epoch, i = divmod(step, per_epoch)
         if self._perm[0] != epoch:
             g = torch.Generator().manual_seed(_step_seed(self.seed, epoch))
-            self._perm = (epoch, torch.randperm(self.cfg.train_examples, generator=g))
+            self._perm = (epoch, torch.randperm(self.cfg.train_examples, generator=g))  # host: seeded epoch order
         return self._move(self.pool, self._perm[1][i * B:(i + 1) * B])
 
     def test_batches(self):

@@ -217,6 +217,7 @@ def state_size(layer: torch.nn.Module, seq_len: int) -> int:
         return 2 * tokens * layer.num_kv_heads * layer.head_dim
     p = next(layer.parameters())
     width = next(getattr(layer, a) for a in ("dim", "hidden_size", "hidden") if hasattr(layer, a))
-    x = torch.randn(1, seq_len, width, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, seq_len, width, generator=gen).to(p.device, p.dtype)  # host: seeded probe, moved to the layer
     _, state = layer(x, use_cache=True)
     return _floats(state, set())

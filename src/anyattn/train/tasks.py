@@ -51,12 +51,12 @@ def _distinct(rows: int, k: int, low: int, high: int, gen: torch.Generator) -> t
     """`(rows, k)` ids from `[low, high)`, no repeats within a row, each row a uniformly random ordered
     k-subset: Floyd's subset sampling (vectorized over rows, O(rows k^2)) followed by a shuffle."""
     size = high - low
-    chosen = torch.empty(rows, k, dtype=torch.long)
+    chosen = torch.empty(rows, k, dtype=torch.long)  # host: seeded CPU data
     for i, j in enumerate(range(size - k, size)):
-        t = torch.randint(0, j + 1, (rows,), generator=gen)
+        t = torch.randint(0, j + 1, (rows,), generator=gen)  # host: seeded CPU data
         seen = (chosen[:, :i] == t[:, None]).any(dim=1)
         chosen[:, i] = torch.where(seen, j, t)
-    order = torch.rand(rows, k, generator=gen).argsort(dim=1)
+    order = torch.rand(rows, k, generator=gen).argsort(dim=1)  # host: seeded CPU data
     return chosen.gather(1, order) + low
 
 
@@ -74,7 +74,7 @@ def mqar_gap_probs(seq_len: int, num_kv_pairs: int, power_a: float = 0.01) -> to
         raise ValueError(f"seq_len must be >= 4 * num_kv_pairs = {4 * num_kv_pairs} (the context k1 v1 .. kn vn "
                          f"and room for n queries at even offsets after it), got seq_len={seq_len}")
     space = (seq_len - 2 * num_kv_pairs) // 2
-    p = torch.arange(1, space + 1, dtype=torch.float64) ** (power_a - 1)
+    p = torch.arange(1, space + 1, dtype=torch.float64) ** (power_a - 1)  # host: seeded CPU data
     return p / p.sum()
 
 
@@ -113,7 +113,7 @@ def mqar(num_examples: int, *, seq_len: int, num_kv_pairs: int, vocab_size: int,
     values = _distinct(n, k, half, vocab_size, gen)
     gaps = torch.multinomial(p.expand(n, -1), k, replacement=False, generator=gen)
     positions, order = (2 * k + 2 * gaps).sort(dim=1)
-    inputs = torch.randint(0, vocab_size, (n, seq_len), generator=gen)
+    inputs = torch.randint(0, vocab_size, (n, seq_len), generator=gen)  # host: seeded CPU data
     inputs[:, 0:2 * k:2] = keys
     inputs[:, 1:2 * k:2] = values
     inputs.scatter_(1, positions, keys.gather(1, order))
@@ -142,10 +142,10 @@ def selective_copy(num_examples: int, *, seq_len: int, num_tokens: int, vocab_si
     n, m = num_examples, num_tokens
     region = seq_len - m
     gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(1, vocab_size - 1, (n, m), generator=gen)
+    tokens = torch.randint(1, vocab_size - 1, (n, m), generator=gen)  # host: seeded CPU data
     slots = _distinct(n, m, 0, region, gen).sort(dim=1).values
-    inputs = torch.zeros(n, seq_len, dtype=torch.long)
+    inputs = torch.zeros(n, seq_len, dtype=torch.long)  # host: seeded CPU data
     inputs.scatter_(1, slots, tokens)
     inputs[:, region:] = vocab_size - 1
-    positions = torch.arange(region, seq_len).expand(n, -1).clone()
+    positions = torch.arange(region, seq_len).expand(n, -1).clone()  # host: seeded CPU data
     return RecallBatch(inputs, positions, tokens)
