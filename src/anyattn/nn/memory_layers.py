@@ -73,9 +73,9 @@ class LightNetLayer(_LinearMixerLayer):
 
     def __init__(self, hidden_size: int, num_heads: int = 4, head_dim: int | None = None, mode: str = "chunk", *,
                  expand_v: float = 1.0, chunk_size: int = 64, norm_eps: float = 1e-5, num_kv_heads: int | None = None):
-        from .linear_layers import _default_head_dim, _kv_heads
+        from .linear_layers import _default_head_dim, _head_v_dim, _kv_heads
         head_dim = _default_head_dim(hidden_size, num_heads, head_dim, 1.0)
-        super().__init__(hidden_size, num_heads, head_dim, expand_v, mode, False, 4, chunk_size, norm_eps, "swish",
+        super().__init__(hidden_size, num_heads, head_dim, _head_v_dim(head_dim, expand_v), mode, False, 4, chunk_size, norm_eps, "swish",
                          _kv_heads(num_heads, num_kv_heads))
         self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
 
