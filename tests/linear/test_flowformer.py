@@ -108,3 +108,22 @@ def test_bad_inputs():
         L.flowformer(q, k, v, initial_state=(1, 2))
     with pytest.raises(ValueError, match=r"k must have q's shape"):
         L.flowformer(q, k[:, :, :4], v[:, :, :4])
+
+
+@pytest.mark.parametrize("path", ["cumsum", "matmul"])
+def test_both_prefix_paths_against_dense_with_grads_and_state(path, monkeypatch):
+    """Short inputs take the elementwise prefix sums, long ones the width-1 linear attention: force each
+    on a small input and check outputs, gradients and the continued state against the dense oracle."""
+    import importlib
+    F = importlib.import_module("anyattn.linear.flowformer")
+    monkeypatch.setattr(F, "PREFIX_MATMUL_MIN", 0 if path == "matmul" else 1 << 60)
+    q, k, v = make(N=70, M=70, seed=7, requires_grad=True)
+    o = L.flowformer(q, k, v, causal=True)
+    want = dense(q, k, v, True, 1.0)
+    torch.testing.assert_close(o, want, rtol=1e-10, atol=1e-10)
+    for a, b in zip(torch.autograd.grad(o.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    with torch.no_grad():
+        o1, st1 = L.flowformer(q[:, :, :33], k[:, :, :33], v[:, :, :33], initial_state=None, output_final_state=True)
+        o2 = L.flowformer(q[:, :, 33:], k[:, :, 33:], v[:, :, 33:], initial_state=st1)
+        torch.testing.assert_close(torch.cat([o1, o2], 2), want, rtol=1e-10, atol=1e-10)

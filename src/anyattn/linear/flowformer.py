@@ -15,7 +15,9 @@ Causal: prefix sums with counts n_i = i (1-based): `I_i = n_i / (phi(q_i) . sum_
 `O_j = n_j / (phi(k_j) . sum_{i<=j} phi(q_i))`, `Î_i = phi(q_i) . sum_{j<=i} phi(k_j) O_j / n_i`,
 `Ô_j = clamp(phi(k_j) . sum_{i<=j} phi(q_i) I_i / n_j, -c, c)`, `A_i = sigmoid(Î_i)`,
 `C_j = n_j e^{Ô_j} / sum_{l<=j} e^{Ô_l}`, `o_i = A_i (phi(q_i) I_i / n_i) . sum_{j<=i} phi(k_j) (C_j v_j)^T`:
-elementwise cumulative sums, then causal linear attention through the chunk engine. The state (all
+the prefix dot products (elementwise prefix sums, or for long inputs causal linear attention with a
+width-1 value: matmuls instead of D-wide prefix sums), then causal linear attention through the chunk
+engine. The state (all
 the running sums and the count) is O(D^2): `FlowformerState`, advanced one token by `flowformer_step`.
 Public codes clamp at c = 1 and c = 5 (`clamp`).
 """
@@ -74,26 +76,54 @@ def _state(state, name, q, V, dt):
     return FlowformerState(*(x.to(dt) for x in state[:6]), state.count)
 
 
+# Above this many elements in q (B H N D), the prefix dot products run as matmuls (`_prefix_dot_matmul`);
+# below it the D-wide prefix sums stay in cache and are cheaper (`_prefix_dot_cumsum`). Measured on the
+# 2-core CPU, H=8, D=64, 2 threads: N=4096 (2^21 elements) forward 38 vs 57 ms, forward+backward 113 vs
+# 212 ms for cumsum vs matmul; N=16384 forward 461 vs 283 ms (fwd+bwd even).
+PREFIX_MATMUL_MIN = 1 << 22
+
+
+def _prefix_dot(a, b, s0, eps):
+    """`(a_i + eps) . (s0 + sum_{j<=i} b_j + eps)` for every i. a, b `(B, H, N, D)`, s0 `(B, H, D)`.
+    Returns the dots `(B, H, N)` and the final sum `s0 + sum_j b_j` `(B, H, D)`."""
+    fn = _prefix_dot_matmul if a.numel() > PREFIX_MATMUL_MIN else _prefix_dot_cumsum
+    return fn(a, b, s0, eps)
+
+
+def _prefix_dot_cumsum(a, b, s0, eps):
+    """The D-wide prefix sums, then the dot products (elementwise)."""
+    prefix = s0[:, :, None] + b.cumsum(2)
+    return _dot(a, prefix, eps), prefix[:, :, -1]
+
+
+def _prefix_dot_matmul(a, b, s0, eps):
+    """Without the D-wide prefix sums: `a_i . (s0 + sum b_j)` is causal linear attention with a width-1
+    value (matmuls in the chunk engine); the eps terms are scalar prefix sums."""
+    ones = b.new_ones(b.shape[:-1] + (1,))
+    o, s = _run(a, b, ones, scale=1.0, initial_state=s0[..., None], output_final_state=True, mode="chunk",
+                chunk_size=64)
+    total = s0.sum(-1, keepdim=True) + b.sum(-1).cumsum(2)                        # sum_d of the prefix sums
+    dots = o[..., 0] + eps * total + eps * a.sum(-1) + a.shape[-1] * eps * eps
+    return dots, s[..., 0]
+
+
 def _causal(q, k, v, clamp, eps, st: FlowformerState):
     """q, k already through phi; everything in the compute dtype. Returns (o, state)."""
     N = q.shape[2]
     n = torch.arange(st.count + 1, st.count + N + 1, dtype=q.dtype, device=q.device)
-    k_sum = st.k_sum[:, :, None] + k.cumsum(2)
-    q_sum = st.q_sum[:, :, None] + q.cumsum(2)
-    inc = n / _dot(q, k_sum, eps)                                        # I
-    out = n / _dot(k, q_sum, eps)                                        # O
-    ko_sum = st.ko_sum[:, :, None] + (k * out[..., None]).cumsum(2)
-    qi_sum = st.qi_sum[:, :, None] + (q * inc[..., None]).cumsum(2)
-    alloc = torch.sigmoid(_dot(q, ko_sum, eps) / n)                      # A = sigmoid(Î)
-    src = torch.exp((_dot(k, qi_sum, eps) / n).clamp(-clamp, clamp))     # e^{Ô}
+    qk, k_sum = _prefix_dot(q, k, st.k_sum, eps)
+    kq, q_sum = _prefix_dot(k, q, st.q_sum, eps)
+    inc, out = n / qk, n / kq                                                     # I, O
+    sink, ko_sum = _prefix_dot(q, k * out[..., None], st.ko_sum, eps)
+    source, qi_sum = _prefix_dot(k, q * inc[..., None], st.qi_sum, eps)
+    alloc = torch.sigmoid(sink / n)                                               # A = sigmoid(Î)
+    src = torch.exp((source / n).clamp(-clamp, clamp))                            # e^{Ô}
     exp_sum = st.exp_sum[:, :, None] + src.cumsum(2)
-    comp = n * src / exp_sum                                             # C
+    comp = n * src / exp_sum                                                      # C
     o, kv = _run(q * (inc / n)[..., None], k, v * comp[..., None], scale=1.0, initial_state=st.kv,
                  output_final_state=True, mode="chunk", chunk_size=64)
     o = o * alloc[..., None]
-    last = FlowformerState(kv, k_sum[:, :, -1], q_sum[:, :, -1], ko_sum[:, :, -1], qi_sum[:, :, -1],
-                           exp_sum[:, :, -1], st.count + N)
-    return o, last
+    return o, FlowformerState(kv, k_sum, q_sum, ko_sum, qi_sum, exp_sum[:, :, -1], st.count + N)
 
 
 def _noncausal(q, k, v, clamp, eps):
