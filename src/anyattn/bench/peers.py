@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from ..softmax.flex import compiled_flex_attention
+from ..softmax.flex import RECOMPILE_LIMIT, compiled_flex_attention
 from .case import Case
 from .device import bench_device
 
@@ -39,17 +39,21 @@ def add_flex(case: Case, n_q: int, n_k: int, *, mask_mod: Callable | None = None
     state = {"compile_s": None, "fn": None, "block_mask": None}
 
     def fn(x):
-        if state["fn"] is None:
-            t0 = time.perf_counter()
-            q, _, _ = prepare(x)
-            if mask_mod is not None:
-                state["block_mask"] = create_block_mask(mask_mod, None, None, n_q, n_k, device=str(q.device))
-            state["fn"] = compiled_flex_attention()
-            with torch.no_grad():
-                state["fn"](*(t.detach() for t in prepare(x)), score_mod=score_mod(x) if score_mod else None,
-                            block_mask=state["block_mask"])
-            state["compile_s"] = time.perf_counter() - t0
-        return state["fn"](*prepare(x), score_mod=score_mod(x) if score_mod else None, block_mask=state["block_mask"])
+        # one compiled function serves every case and dtype of the process: past torch's default of 8
+        # recompilations dynamo would fall back to the eager path, which materializes the N x N scores
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            if state["fn"] is None:
+                t0 = time.perf_counter()
+                q, _, _ = prepare(x)
+                if mask_mod is not None:
+                    state["block_mask"] = create_block_mask(mask_mod, None, None, n_q, n_k, device=str(q.device))
+                state["fn"] = compiled_flex_attention()
+                with torch.no_grad():
+                    state["fn"](*(t.detach() for t in prepare(x)), score_mod=score_mod(x) if score_mod else None,
+                                block_mask=state["block_mask"])
+                state["compile_s"] = time.perf_counter() - t0
+            return state["fn"](*prepare(x), score_mod=score_mod(x) if score_mod else None,
+                               block_mask=state["block_mask"])
 
     case.contenders["flex"] = fn
     if bench_device().type == "cpu":
