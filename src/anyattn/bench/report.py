@@ -134,10 +134,13 @@ def summary(results: dict) -> str | None:
 
 
 def write_json(results: dict, out_dir: str) -> str:
+    """`out_dir/results.json`, written to a temporary file and renamed (a reader never sees half a file,
+    `anyattn train` rewrites it after every mixer); returns the path."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "results.json")
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
     return path
 
 

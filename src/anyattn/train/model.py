@@ -51,6 +51,17 @@ def _check_inputs(inputs):
         raise ValueError(f"inputs must be a (B, L) long tensor, got {desc}")
 
 
+def _tied_embedding(vocab_size: int, hidden: int, mixers) -> nn.Embedding:
+    """The input embedding, also the output projection (tied), N(0, 0.02); checks the sizes and that
+    there is at least one mixer layer."""
+    _check_vocab_width(vocab_size, hidden)
+    if len(mixers) == 0:
+        raise ValueError("mixers must hold at least one layer")
+    emb = nn.Embedding(vocab_size, hidden)
+    nn.init.normal_(emb.weight, std=0.02)
+    return emb
+
+
 class RecallModel(nn.Module):
     """Zoology's MQAR model: embedding (normal, std 0.02; the Linear layers keep PyTorch's initialisation,
     see docs/train.md), layer 0 a `GatedShortConv` (the same for every
@@ -60,12 +71,7 @@ class RecallModel(nn.Module):
 
     def __init__(self, vocab_size: int, hidden: int, mixers, conv_size: int = 3):
         super().__init__()
-        _check_vocab_width(vocab_size, hidden)
-        if len(mixers) == 0:
-            raise ValueError("mixers must hold at least one layer")
-        self.vocab_size = vocab_size
-        self.embedding = nn.Embedding(vocab_size, hidden)
-        nn.init.normal_(self.embedding.weight, std=0.02)
+        self.vocab_size, self.embedding = vocab_size, _tied_embedding(vocab_size, hidden, mixers)
         self.conv = GatedShortConv(hidden, conv_size)
         self.mixers = nn.ModuleList(mixers)
         self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(len(mixers) + 1))
@@ -113,12 +119,7 @@ class BlockModel(nn.Module):
 
     def __init__(self, vocab_size: int, hidden: int, mixers, mlp_ratio: float = 8 / 3):
         super().__init__()
-        _check_vocab_width(vocab_size, hidden)
-        if len(mixers) == 0:
-            raise ValueError("mixers must hold at least one layer")
-        self.vocab_size = vocab_size
-        self.embedding = nn.Embedding(vocab_size, hidden)
-        nn.init.normal_(self.embedding.weight, std=0.02)
+        self.vocab_size, self.embedding = vocab_size, _tied_embedding(vocab_size, hidden, mixers)
         self.blocks = nn.ModuleList(Block(hidden, m, mlp_ratio) for m in mixers)
         self.final_norm = nn.RMSNorm(hidden)
 

@@ -5,8 +5,9 @@ best run of each mixer and setting (`best_runs`); the JSON keeps every run.
 """
 from __future__ import annotations
 
-import json
 import os
+
+from ..bench.report import write_json  # noqa: F401  (one results.json writer: atomic, shared with the bench)
 
 
 def best_runs(results: dict) -> list[dict]:
@@ -48,17 +49,6 @@ def table(results: dict) -> str:
         lines.append(f"corpus {c['source']} (sha256 {c['sha256'][:16]}..., Python {c['python_version']}): "
                      f"unigram {c['unigram_bpb']:.3f} bits/byte, bigram {c['bigram_bpb']:.3f} bits/byte")
     return "\n".join(lines)
-
-
-def write_json(results: dict, out_dir: str) -> str:
-    """`out_dir/results.json` (every run); returns the path."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "results.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
-    return path
 
 
 def plot(results: dict, out_dir: str) -> str | None:
